@@ -1,0 +1,45 @@
+"""Helpers shared by every op: argument checks that raise ValueError naming the argument, and the
+mapping from a torch dtype to the kernel-name suffix used in csrc/."""
+from __future__ import annotations
+
+import torch
+
+from ..runtime import registry
+
+DTYPE_SUFFIX = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+FLOAT_DTYPES = tuple(DTYPE_SUFFIX)
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed=FLOAT_DTYPES) -> None:
+    if t.dtype not in allowed:
+        raise ValueError(f"{name}: dtype {t.dtype} is not supported (expected one of {list(allowed)})")
+
+
+def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name}: dtype {t.dtype} differs from {ref_name}'s dtype {ref.dtype}")
+
+
+def check_cuda(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
+    if not t.is_cuda:
+        raise ValueError(f"{name}: expected a CUDA tensor, got a tensor on {t.device}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: on {t.device}, but the other inputs are on {device}")
+
+
+def aligned16(*tensors: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def rows_view(name: str, x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last] with a unit last stride; rows may be strided (no copy when possible)."""
+    if x.dim() == 0:
+        raise ValueError(f"{name}: expected at least 1 dimension, got a scalar")
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if x2.stride(-1) != 1 and x2.shape[-1] > 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def kernel(source, function: str, params_type: type, device: torch.device):
+    return registry.get_kernel(source, function, params_type, device)

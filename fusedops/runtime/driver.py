@@ -1,0 +1,123 @@
+"""Load cubins and launch kernels through cuda-python's driver API, inside PyTorch's context and on
+PyTorch's current stream (so launches are ordered with torch work and captured by CUDA graphs).
+
+The driver is touched lazily: importing this module on a machine without a GPU driver is fine.
+Every CUDA result is checked; a failure names the kernel, the launch shape and the CUDA error.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class CudaError(RuntimeError):
+    """A CUDA driver call failed."""
+
+
+def _driver():
+    from cuda.bindings import driver  # imported lazily: the import is cheap, cuInit is not
+    return driver
+
+
+def error_string(err) -> str:
+    driver = _driver()
+    ok, name = driver.cuGetErrorName(err)
+    ok2, desc = driver.cuGetErrorString(err)
+    name = name.decode() if ok == driver.CUresult.CUDA_SUCCESS else str(err)
+    desc = desc.decode() if ok2 == driver.CUresult.CUDA_SUCCESS else ""
+    return f"{name}: {desc}"
+
+
+def check(result, what: str):
+    """Unpack a cuda-python (CUresult, *values) tuple, raising CudaError on failure."""
+    driver = _driver()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise CudaError(f"{what} failed: {error_string(err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+_lock = threading.Lock()
+_modules: dict[tuple[Path, int], object] = {}
+
+
+def _ensure_context(device_index: int) -> None:
+    """Make torch's primary context for this device current on this thread."""
+    torch.cuda.init()
+    driver = _driver()
+    ctx = check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if int(ctx) == 0 or torch.cuda.current_device() != device_index:
+        torch.cuda.set_device(device_index)
+        torch.cuda.current_stream(device_index)  # forces torch to bind its context
+        ctx = check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if int(ctx) == 0:
+        raise CudaError(f"no CUDA context is current for device {device_index} after torch.cuda.init()")
+
+
+def load_module(cubin: Path, device_index: int):
+    key = (cubin, device_index)
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            _ensure_context(device_index)
+            mod = check(_driver().cuModuleLoadData(cubin.read_bytes()), f"cuModuleLoadData({cubin.name})")
+            _modules[key] = mod
+    return mod
+
+
+@dataclass
+class Kernel:
+    """A __global__ function taking one params struct by value (see csrc/common/*.cuh)."""
+
+    name: str
+    function: object
+    params_type: type  # the ctypes.Structure mirroring the kernel's params struct
+    max_dynamic_smem: int = 48 * 1024
+
+    @classmethod
+    def load(cls, cubin: Path, name: str, params_type: type, device_index: int) -> "Kernel":
+        driver = _driver()
+        mod = load_module(cubin, device_index)
+        fn = check(driver.cuModuleGetFunction(mod, name.encode()), f"cuModuleGetFunction({name})")
+        # The Python struct must be byte-for-byte the C struct: check the kernel's own parameter size.
+        offset, size = check(driver.cuFuncGetParamInfo(fn, 0), f"cuFuncGetParamInfo({name})")
+        if size != ctypes.sizeof(params_type):
+            raise CudaError(
+                f"kernel {name}: params struct is {size} bytes in the cubin but "
+                f"{ctypes.sizeof(params_type)} bytes in {params_type.__name__}"
+            )
+        return cls(name, fn, params_type)
+
+    def set_max_dynamic_smem(self, nbytes: int) -> None:
+        if nbytes > self.max_dynamic_smem:
+            driver = _driver()
+            attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            check(driver.cuFuncSetAttribute(self.function, attr, nbytes),
+                  f"cuFuncSetAttribute({self.name}, max dynamic smem={nbytes})")
+            self.max_dynamic_smem = nbytes
+
+    def attribute(self, name: str) -> int:
+        """A CU_FUNC_ATTRIBUTE_* value, e.g. 'NUM_REGS', 'LOCAL_SIZE_BYTES', 'SHARED_SIZE_BYTES'."""
+        driver = _driver()
+        attr = getattr(driver.CUfunction_attribute, f"CU_FUNC_ATTRIBUTE_{name}")
+        return check(driver.cuFuncGetAttribute(attr, self.function), f"cuFuncGetAttribute({self.name}, {name})")
+
+    def launch(self, grid, block, params, smem: int = 0, stream: int | None = None) -> None:
+        """Launch on torch's current stream (or `stream`, a raw cudaStream_t handle)."""
+        if smem:
+            self.set_max_dynamic_smem(smem)
+        if stream is None:
+            stream = torch.cuda.current_stream().cuda_stream
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (3 - len(block))
+        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        err, = _driver().cuLaunchKernel(self.function, *grid, *block, smem, stream, ctypes.addressof(args), 0)
+        if err != _driver().CUresult.CUDA_SUCCESS:
+            raise CudaError(f"launch of {self.name} (grid={grid}, block={block}, smem={smem}) failed: "
+                            f"{error_string(err)}")
