@@ -1,0 +1,45 @@
+"""Shared test helpers. GPU tests carry @pytest.mark.gpu and skip cleanly without CUDA."""
+import shutil
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_NVCC = shutil.which("nvcc") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (kernels cannot run on this machine)")
+    skip_nvcc = pytest.mark.skip(reason="needs nvcc to compile kernels")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "nvcc" in item.keywords and not HAS_NVCC:
+            item.add_marker(skip_nvcc)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "nvcc: needs nvcc (kernel build / PTX checks)")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN so that any element a kernel fails to write shows up."""
+    return t.fill_(float("nan"))
+
+
+def random_with_outliers(shape, dtype, device, gen=None, scale=1.0):
+    """Normal values with a few large outliers (catches overflow and reduction mistakes)."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
+    flat = x.view(-1)
+    if flat.numel() >= 8:
+        idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 1000),), generator=gen)
+        flat[idx] *= 30.0
+    return x.to(dtype=dtype, device=device)
