@@ -7,6 +7,7 @@ Every CUDA result is checked; a failure names the kernel, the launch shape and t
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ class CudaError(RuntimeError):
     """A CUDA driver call failed."""
 
 
+@functools.lru_cache(maxsize=1)
 def _driver():
-    from cuda.bindings import driver  # imported lazily: the import is cheap, cuInit is not
+    from cuda.bindings import driver  # imported lazily: CPU-only users never touch the driver
     return driver
 
 
@@ -114,10 +116,12 @@ class Kernel:
             self.set_max_dynamic_smem(smem)
         if stream is None:
             stream = torch.cuda.current_stream().cuda_stream
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        block = tuple(block) + (1,) * (3 - len(block))
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+        bx, by, bz = (tuple(block) + (1, 1))[:3]
         args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        err, = _driver().cuLaunchKernel(self.function, *grid, *block, smem, stream, ctypes.addressof(args), 0)
-        if err != _driver().CUresult.CUDA_SUCCESS:
-            raise CudaError(f"launch of {self.name} (grid={grid}, block={block}, smem={smem}) failed: "
-                            f"{error_string(err)}")
+        driver = _driver()
+        err, = driver.cuLaunchKernel(self.function, gx, gy, gz, bx, by, bz, smem, stream,
+                                     ctypes.addressof(args), 0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise CudaError(f"launch of {self.name} (grid={(gx, gy, gz)}, block={(bx, by, bz)}, smem={smem}) "
+                            f"failed: {error_string(err)}")
