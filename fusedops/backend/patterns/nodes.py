@@ -1,0 +1,119 @@
+"""Structural helpers over the FX graph Dynamo hands a backend (torch IR). Patterns ask "which
+operation is this node" through `kind`, never through node names, so that `x.pow(2)`,
+`torch.pow(x, 2)`, `operator.mul` and `torch.mul` all read the same."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+_FUNCTIONS = {
+    operator.add: "add", torch.add: "add", operator.iadd: "add",
+    operator.mul: "mul", torch.mul: "mul",
+    operator.truediv: "div", torch.div: "div",
+    operator.neg: "neg", torch.neg: "neg",
+    operator.getitem: "getitem",
+    torch.rsqrt: "rsqrt", torch.pow: "pow", torch.mean: "mean", torch.cat: "cat", torch.concat: "cat",
+    torch.matmul: "matmul", torch.where: "where",
+    torch._C._nn.linear: "linear", F.linear: "linear",
+    F.silu: "silu", torch.nn.functional.silu: "silu",
+    F.softmax: "softmax", torch.softmax: "softmax",
+    F.dropout: "dropout",
+    F.scaled_dot_product_attention: "sdpa", torch._C._nn.scaled_dot_product_attention: "sdpa",
+}
+_METHODS = {"add": "add", "mul": "mul", "div": "div", "neg": "neg", "__neg__": "neg", "rsqrt": "rsqrt",
+            "pow": "pow", "mean": "mean", "to": "to", "float": "to", "half": "to", "bfloat16": "to",
+            "type_as": "to", "softmax": "softmax", "transpose": "transpose", "view": "view",
+            "reshape": "view", "expand": "expand", "unsqueeze": "unsqueeze", "contiguous": "contiguous",
+            "index_copy_": "index_copy_", "matmul": "matmul"}
+
+
+def kind(node: Any) -> Optional[str]:
+    if not isinstance(node, Node):
+        return None
+    if node.op == "call_function":
+        return _FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    return None
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def val(node: Any):
+    """The fake tensor Dynamo recorded for this node (None for constants and unknown nodes)."""
+    return node.meta.get("example_value") if isinstance(node, Node) else None
+
+
+def dtype(node: Any) -> Optional[torch.dtype]:
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def shape(node: Any) -> Optional[tuple]:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def same(a: Any, b: Any) -> bool:
+    """Guard-free equality for ints/SymInts and shape tuples."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return statically_known_true(a == b)
+    return a == b
+
+
+def is_cast(node: Any) -> bool:
+    """A dtype conversion that keeps device and shape (x.to(dtype), x.float(), x.type_as(y))."""
+    if kind(node) != "to":
+        return False
+    if node.target == "to" and any(isinstance(a, (torch.device, str)) for a in node.args[1:]):
+        return False
+    if node.target == "to" and "device" in node.kwargs:
+        return False
+    return same(shape(node), shape(node.args[0]))
+
+
+def strip_casts(node: Any) -> Any:
+    while is_cast(node):
+        node = node.args[0]
+    return node
+
+
+def binary_operands(node: Node) -> Optional[tuple[Any, Any]]:
+    """(a, b) for a plain a+b / a*b node (no alpha, no out)."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    return node.args[0], node.args[1]
+
+
+def other_operand(node: Node, one: Any) -> Any:
+    a, b = node.args[0], node.args[1]
+    return b if a is one else a
+
+
+def only_user(node: Node) -> Optional[Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def float_const(x: Any) -> Optional[float]:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
+def last_dim(dim: Any, ndim: int) -> bool:
+    if isinstance(dim, (list, tuple)):
+        if len(dim) != 1:
+            return False
+        dim = dim[0]
+    return isinstance(dim, int) and dim in (-1, ndim - 1)
