@@ -1,4 +1,6 @@
-"""fusedops::rms_norm — RMSNorm forward with LlamaRMSNorm's exact rounding (csrc/rmsnorm.cu)."""
+"""fusedops::rms_norm — RMSNorm forward with LlamaRMSNorm's exact rounding (csrc/rmsnorm.cu).
+
+Non-contiguous input: rows may be strided (any row stride); a non-unit last stride is copied."""
 from __future__ import annotations
 
 import ctypes
@@ -10,6 +12,11 @@ from ._launch import (DTYPE_SUFFIX, aligned16, check_cuda, check_dtype, check_sa
                       rows_view)
 
 SOURCE = register_source("rmsnorm", "rmsnorm.cu")
+
+# Threads per row the cached kernels aim at: ITEMS grows until the row fits in this many threads.
+# Measured on the H100 (perf/notes/memkernels.md): see bench_rmsnorm's variant sweep.
+CACHED_THREADS = 512
+CACHED_ITEMS = (1, 2, 4, 8)
 
 
 class RmsNormParams(ctypes.Structure):
@@ -36,6 +43,34 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
         raise ValueError(f"eps: must be >= 0, got {eps}")
 
 
+def row_variant(hidden: int, vec: int, vector_ok: bool, items: int | None = None) -> tuple[str, int]:
+    """(kernel suffix, threads per CTA) for a one-row-per-CTA norm kernel of csrc/rmsnorm.cuh.
+    `items` forces a cached variant (benchmark sweeps)."""
+    nvec = hidden // vec if vector_ok else hidden
+    if vector_ok and items is None:
+        items = next((i for i in CACHED_ITEMS if nvec <= i * CACHED_THREADS), None)
+        if items is None and nvec <= CACHED_ITEMS[-1] * 1024:
+            items = CACHED_ITEMS[-1]
+    if vector_ok and items is not None:
+        return f"c{items}", max(32, (-(-nvec // items) + 31) // 32 * 32)
+    return ("sv" if vector_ok else "s1"), min(1024, (nvec + 31) // 32 * 32)
+
+
+def vector_friendly(hidden: int, vec: int, *rows: torch.Tensor) -> bool:
+    return hidden % vec == 0 and all(t.stride(0) % vec == 0 for t in rows) and aligned16(*rows)
+
+
+def launch(x2: torch.Tensor, weight: torch.Tensor, out2: torch.Tensor, eps: float,
+           items: int | None = None) -> None:
+    rows, hidden = x2.shape
+    vec = 16 // x2.element_size()
+    variant, threads = row_variant(hidden, vec, vector_friendly(hidden, vec, x2, out2, weight), items)
+    params = RmsNormParams(out2.data_ptr(), x2.data_ptr(), weight.data_ptr(), rows, hidden,
+                           x2.stride(0), out2.stride(0), float(eps))
+    k = kernel(SOURCE, f"rmsnorm_{DTYPE_SUFFIX[x2.dtype]}_{variant}", RmsNormParams, x2.device)
+    k.launch((rows,), (threads,), params)
+
+
 @torch.library.custom_op("fusedops::rms_norm", mutates_args=(), device_types="cpu")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _validate(x, weight, eps)
@@ -56,20 +91,5 @@ def _(x, weight, eps):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out
-    x2, out2 = rows_view("x", x), out.view(-1, x.shape[-1])
-    rows, hidden = x2.shape
-    weight = weight.contiguous()
-    vec = 16 // x.element_size()
-    vector_ok = hidden % vec == 0 and x2.stride(0) % vec == 0 and aligned16(x2, weight)
-    nvec = hidden // vec if vector_ok else hidden
-    if vector_ok and nvec <= 4096:
-        items = 1 if nvec <= 1024 else 2 if nvec <= 2048 else 4
-        threads = max(32, (-(-nvec // items) + 31) // 32 * 32)
-        variant = f"c{items}"
-    else:
-        threads, variant = min(1024, (nvec + 31) // 32 * 32), ("sv" if vector_ok else "s1")
-    params = RmsNormParams(out2.data_ptr(), x2.data_ptr(), weight.data_ptr(), rows, hidden,
-                           x2.stride(0), out2.stride(0), float(eps))
-    k = kernel(SOURCE, f"rmsnorm_{DTYPE_SUFFIX[x.dtype]}_{variant}", RmsNormParams, x.device)
-    k.launch((rows,), (threads,), params)
+    launch(rows_view("x", x), weight.contiguous(), out.view(-1, x.shape[-1]), eps)
     return out

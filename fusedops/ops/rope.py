@@ -1,10 +1,34 @@
 """fusedops::rope (rotary embedding on q and k in one op) and fusedops::rope_cache_write (the same,
-also writing the rotated k and v into a static KV cache at cache_position)."""
+also writing the rotated k and v into a static KV cache at cache_position), csrc/rope.cu.
+
+Non-contiguous q / k / v (HF's `view(B, S, H, D).transpose(1, 2)`) are read through their strides;
+outputs are contiguous [B, H, S, D]. A non-unit last stride is copied first. The caches must have a
+unit last stride (they are written in place). In the kernel, cache_position is read on the device
+(CUDA-graph safe); positions outside [0, L) are skipped, where index_copy_ would raise."""
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
-from ._launch import check_dtype, check_same_dtype
+from ..runtime import register_source
+from ._launch import DTYPE_SUFFIX, aligned16, check_cuda, check_dtype, check_same_dtype, kernel
+
+SOURCE = register_source("rope", "rope.cu")
+THREADS = 512  # kRopeThreads in csrc/rope.cu
+
+_I64x3 = ctypes.c_int64 * 3
+
+
+class RopeParams(ctypes.Structure):
+    _fields_ = [("q_out", ctypes.c_void_p), ("k_out", ctypes.c_void_p), ("v_out", ctypes.c_void_p),
+                ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("positions", ctypes.c_void_p),
+                ("seq", ctypes.c_int64), ("q_heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("cache_len", ctypes.c_int64),
+                ("q_stride", _I64x3), ("k_stride", _I64x3), ("v_stride", _I64x3),
+                ("q_out_stride", _I64x3), ("k_out_stride", _I64x3), ("v_out_stride", _I64x3),
+                ("cs_stride", ctypes.c_int64 * 2), ("positions_int64", ctypes.c_int32)]
 
 
 def rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -86,3 +110,66 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
 def _(q, k, v, cos, sin, k_cache, v_cache, cache_position, interleaved=False):
     _validate_cache(q, k, v, cos, sin, k_cache, v_cache, cache_position)
     return q.new_empty(q.shape)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _launch(q, k, v, cos, sin, q_out, k_out, v_out, positions, interleaved: bool) -> None:
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    v = _unit_last(v) if v is not None else None
+    vec = 16 // q.element_size()
+    tensors = [t for t in (q, k, v, q_out, k_out, v_out) if t is not None]
+    strides = [st for t in tensors for st in t.stride()[:3]] + [cos.stride(0), cos.stride(1)]
+    vector_ok = d % (2 * vec) == 0 and all(st % vec == 0 for st in strides) and aligned16(
+        *tensors, cos, sin)
+    chunks = d // (2 * vec) if vector_ok else d // 2
+    heads = hq + hkv * (2 if v_out is not None else 1)
+    threads = min(THREADS, (heads * chunks + 31) // 32 * 32)
+    none3 = (0, 0, 0)
+    params = RopeParams(
+        q_out.data_ptr(), k_out.data_ptr(), v_out.data_ptr() if v_out is not None else None,
+        q.data_ptr(), k.data_ptr(), v.data_ptr() if v is not None else None,
+        cos.data_ptr(), sin.data_ptr(), positions.data_ptr() if positions is not None else None,
+        s, hq, hkv, d, k_out.shape[2],
+        _I64x3(*q.stride()[:3]), _I64x3(*k.stride()[:3]),
+        _I64x3(*(v.stride()[:3] if v is not None else none3)),
+        _I64x3(*q_out.stride()[:3]), _I64x3(*k_out.stride()[:3]),
+        _I64x3(*(v_out.stride()[:3] if v_out is not None else none3)),
+        (ctypes.c_int64 * 2)(0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1)),
+        int(positions is not None and positions.dtype == torch.int64))
+    name = f"rope_{DTYPE_SUFFIX[q.dtype]}_{'inter' if interleaved else 'half'}_{'v' if vector_ok else 's'}"
+    kernel(SOURCE, name, RopeParams, q.device).launch((b * s,), (threads,), params)
+
+
+@rope.register_kernel("cuda")
+def _(q, k, cos, sin, interleaved=False):
+    _validate(q, k, cos, sin)
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_cuda(name, t, q.device)
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(
+        k.shape, dtype=k.dtype, device=k.device)
+    if q.numel():
+        _launch(q, k, None, cos, sin, q_out, k_out, None, None, interleaved)
+    return q_out, k_out
+
+
+@rope_cache_write.register_kernel("cuda")
+def _(q, k, v, cos, sin, k_cache, v_cache, cache_position, interleaved=False):
+    _validate_cache(q, k, v, cos, sin, k_cache, v_cache, cache_position)
+    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("k_cache", k_cache),
+                    ("v_cache", v_cache), ("cache_position", cache_position)):
+        check_cuda(name, t, q.device)
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.stride(-1) != 1:
+            raise ValueError(f"{name}: the last dim must have stride 1 (written in place), got "
+                             f"strides {c.stride()}")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.numel():
+        _launch(q, k, v, cos, sin, q_out, k_cache, v_cache, cache_position.contiguous(), interleaved)
+    return q_out

@@ -1,10 +1,25 @@
-"""fusedops::silu_mul (silu(g) * u) and fusedops::silu_mul_cat (the same on one [..., 2I] tensor)."""
+"""fusedops::silu_mul (silu(g) * u) and fusedops::silu_mul_cat (the same on one [..., 2I] tensor),
+csrc/silu_mul.cu. Non-contiguous inputs: silu_mul copies them; silu_mul_cat reads strided rows."""
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import torch.nn.functional as F
 
-from ._launch import check_dtype, check_same_dtype
+from ..runtime import register_source
+from ._launch import DTYPE_SUFFIX, aligned16, check_cuda, check_dtype, check_same_dtype, kernel, rows_view
+
+SOURCE = register_source("silu_mul", "silu_mul.cu")
+THREADS = 256      # per CTA along a row
+MAX_GRID_Y = 65535  # CUDA's gridDim.y limit; more rows are walked grid-stride
+
+
+class SiluMulParams(ctypes.Structure):
+    _fields_ = [("out", ctypes.c_void_p), ("g", ctypes.c_void_p), ("u", ctypes.c_void_p),
+                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
+                ("g_row_stride", ctypes.c_int64), ("u_row_stride", ctypes.c_int64),
+                ("out_row_stride", ctypes.c_int64)]
 
 
 def silu_mul_reference(g, u):
@@ -48,3 +63,39 @@ def silu_mul_cat(gu: torch.Tensor) -> torch.Tensor:
 def _(gu):
     _validate_cat(gu)
     return gu.new_empty((*gu.shape[:-1], gu.shape[-1] // 2))
+
+
+def launch(g2: torch.Tensor, u2: torch.Tensor, out2: torch.Tensor) -> None:
+    """g2, u2, out2: [rows, cols] views with unit column stride."""
+    rows, cols = out2.shape
+    vec = 16 // out2.element_size()
+    vector_ok = all(t.stride(0) % vec == 0 for t in (g2, u2, out2)) and aligned16(g2, u2, out2)
+    per_row = -(-cols // vec) if vector_ok else cols
+    params = SiluMulParams(out2.data_ptr(), g2.data_ptr(), u2.data_ptr(), rows, cols,
+                           g2.stride(0), u2.stride(0), out2.stride(0))
+    k = kernel(SOURCE, f"silu_mul_{DTYPE_SUFFIX[out2.dtype]}_{'v' if vector_ok else 's'}",
+               SiluMulParams, out2.device)
+    k.launch((-(-per_row // THREADS), min(rows, MAX_GRID_Y)), (THREADS,), params)
+
+
+@silu_mul.register_kernel("cuda")
+def _(g, u):
+    _validate(g, u)
+    check_cuda("g", g)
+    check_cuda("u", u, g.device)
+    out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    if g.numel():
+        launch(g.contiguous().view(1, -1), u.contiguous().view(1, -1), out.view(1, -1))
+    return out
+
+
+@silu_mul_cat.register_kernel("cuda")
+def _(gu):
+    _validate_cat(gu)
+    check_cuda("gu", gu)
+    i = gu.shape[-1] // 2
+    out = torch.empty((*gu.shape[:-1], i), dtype=gu.dtype, device=gu.device)
+    if out.numel():
+        gu2 = rows_view("gu", gu)
+        launch(gu2[:, :i], gu2[:, i:], out.view(-1, i))
+    return out

@@ -1,0 +1,92 @@
+// RMSNorm row kernels shared by rmsnorm.cu and add_rmsnorm.cu, with Hugging Face LlamaRMSNorm rounding:
+//   y = T( float(w) * round_T( h * rsqrt(mean(h^2) + eps) ) ), statistics in fp32.
+// One CTA per row. A "Row" policy says where h comes from: straight from x (PlainRow), or
+// h = round_T(x + residual), written out as it is formed (ResidualRow).
+// The "cached" form keeps the row in registers (one HBM read); the "streaming" form re-reads it
+// for the second pass (rows too long for registers, or VEC = 1 when 16-byte vectors are ruled out).
+#pragma once
+#include "common/reduce.cuh"
+#include "common/vec.cuh"
+
+namespace fusedops {
+
+template <typename T, int VEC>
+struct PlainRow {
+    const T* x;
+    __device__ __forceinline__ Vec<T, VEC> first(int64_t i) const { return load_vec<T, VEC>(x + i * VEC); }
+    __device__ __forceinline__ Vec<T, VEC> again(int64_t i) const { return first(i); }
+};
+
+template <typename T, int VEC>
+struct ResidualRow {
+    const T* x;
+    const T* residual;
+    T* h;
+    // HF adds in the model dtype: h = round_T(residual + x). Stored here so the second pass re-reads h.
+    __device__ __forceinline__ Vec<T, VEC> first(int64_t i) const {
+        const Vec<T, VEC> a = load_vec<T, VEC>(x + i * VEC), b = load_vec<T, VEC>(residual + i * VEC);
+        Vec<T, VEC> s;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) s.v[j] = from_float<T>(to_float(b.v[j]) + to_float(a.v[j]));
+        store_vec<T, VEC>(h + i * VEC, s);
+        return s;
+    }
+    __device__ __forceinline__ Vec<T, VEC> again(int64_t i) const { return load_vec<T, VEC>(h + i * VEC); }
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ float sum_squares(const Vec<T, VEC>& v) {
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const float f = to_float(v.v[j]);
+        ss += f * f;
+    }
+    return ss;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void scale_store(T* out, const T* w, int64_t i, const Vec<T, VEC>& hv, float rstd) {
+    const Vec<T, VEC> wv = load_vec<T, VEC>(w + i * VEC);
+    Vec<T, VEC> yv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+        yv.v[j] = from_float<T>(to_float(wv.v[j]) * round_to<T>(to_float(hv.v[j]) * rstd));
+    store_vec<T, VEC>(out + i * VEC, yv);
+}
+
+// ITEMS vectors of VEC elements per thread, all held in registers.
+template <typename T, int VEC, int ITEMS, typename Row>
+__device__ __forceinline__ void rmsnorm_cached(const Row& row, const T* w, T* out, int64_t hidden, float eps) {
+    __shared__ float scratch[32];
+    const int nvec = static_cast<int>(hidden / VEC);
+    Vec<T, VEC> hv[ITEMS];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        const int idx = threadIdx.x + i * blockDim.x;
+        if (idx < nvec) {
+            hv[i] = row.first(idx);
+            ss += sum_squares<T, VEC>(hv[i]);
+        }
+    }
+    const float rstd = rsqrtf(block_sum(ss, scratch) / static_cast<float>(hidden) + eps);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        const int idx = threadIdx.x + i * blockDim.x;
+        if (idx < nvec) scale_store<T, VEC>(out, w, idx, hv[i], rstd);
+    }
+}
+
+// Any hidden size: two passes over the row, the second served from L1/L2.
+template <typename T, int VEC, typename Row>
+__device__ __forceinline__ void rmsnorm_streaming(const Row& row, const T* w, T* out, int64_t hidden, float eps) {
+    __shared__ float scratch[32];
+    const int64_t nvec = hidden / VEC;
+    float ss = 0.f;
+    for (int64_t idx = threadIdx.x; idx < nvec; idx += blockDim.x) ss += sum_squares<T, VEC>(row.first(idx));
+    const float rstd = rsqrtf(block_sum(ss, scratch) / static_cast<float>(hidden) + eps);
+    for (int64_t idx = threadIdx.x; idx < nvec; idx += blockDim.x) scale_store<T, VEC>(out, w, idx, row.again(idx), rstd);
+}
+
+}  // namespace fusedops

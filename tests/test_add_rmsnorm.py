@@ -1,0 +1,103 @@
+"""fusedops::add_rms_norm: HF rounding (h in the model dtype, then LlamaRMSNorm), bad input, PTX, and
+on the GPU a random sweep against float64 with poisoned outputs."""
+import random
+
+import pytest
+import torch
+
+import fusedops.ops  # noqa: F401
+from conftest import poison_, random_with_outliers, rel_err
+from fusedops.ops import add_rmsnorm
+from fusedops.runtime import compiler
+
+op = torch.ops.fusedops.add_rms_norm
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_ERR = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
+
+
+def exact(x, residual, w, eps):
+    """Float64 truth: no rounding of h, no rounding before the weight."""
+    h = x.double() + residual.double()
+    return w.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps), h
+
+
+def test_reference_is_hf_decoder_order():
+    x, r, w = torch.randn(3, 64).bfloat16(), torch.randn(3, 64).bfloat16(), torch.randn(64).bfloat16()
+    y, h = op(x, r, w, 1e-5)
+    assert torch.equal(h, r + x)
+    assert torch.equal(y, torch.ops.fusedops.rms_norm(r + x, w, 1e-5))
+
+
+def test_opcheck_cpu():
+    torch.library.opcheck(op, (torch.randn(2, 3, 32), torch.randn(2, 3, 32), torch.randn(32), 1e-6))
+
+
+@pytest.mark.parametrize("x, r, w, arg", [
+    (torch.randn(2, 8), torch.randn(2, 8).half(), torch.randn(8), "residual"),
+    (torch.randn(2, 8), torch.randn(2, 7), torch.randn(8), "residual"),
+    (torch.randn(2, 8), torch.randn(2, 8), torch.randn(9), "weight"),
+    (torch.randn(2, 8).double(), torch.randn(2, 8).double(), torch.randn(8).double(), "x"),
+])
+def test_bad_input_names_the_argument(x, r, w, arg):
+    with pytest.raises(ValueError, match=f"^{arg}:"):
+        op(x, r, w, 1e-6)
+
+
+@pytest.mark.nvcc
+def test_ptx_has_128bit_access_and_warp_shuffles():
+    ptx = compiler.emit_ptx(add_rmsnorm.SOURCE, "sm_90a")
+    assert "ld.global.v4" in ptx and "st.global.v4" in ptx and "shfl.sync.bfly" in ptx
+
+
+# ---------------------------------------------------------------- GPU
+
+def run_case(dtype, rows, hidden, strided, seed, items=None):
+    g = torch.Generator().manual_seed(seed)
+    pad = 8 if strided else 0
+    x = random_with_outliers((rows, hidden + pad), dtype, "cuda", g)[:, :hidden]
+    r = random_with_outliers((rows, hidden), dtype, "cuda", g, scale=3.0)
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).cuda()
+    y = poison_(torch.empty(rows, hidden, dtype=dtype, device="cuda"))
+    h = poison_(torch.empty_like(y))
+    add_rmsnorm.launch(x, r, w, y, h, 1e-6, items)
+    y_ref, h_ref = exact(x, r, w, 1e-6)
+    y_torch, h_torch = add_rmsnorm.add_rms_norm_reference(x, r, w, 1e-6)
+    assert torch.equal(h, h_torch), (dtype, rows, hidden)
+    err, torch_err = rel_err(y, y_ref), rel_err(y_torch, y_ref)
+    assert err <= max(2 * torch_err, 1e-6) and err <= MAX_ERR[dtype], (dtype, rows, hidden, strided, err, torch_err)
+
+
+@pytest.mark.gpu
+def test_random_sweep_vs_float64():
+    rng = random.Random(77)
+    for seed in range(200):
+        dtype = rng.choice(DTYPES)
+        hidden = rng.choice([rng.randint(1, 300), rng.randrange(8, 9000, 8),
+                             rng.choice([2048, 4096, 5120, 8192, 70016])])
+        rows = rng.choice([1, 4, 16, rng.randint(1, 200)])
+        run_case(dtype, rows, hidden, rng.random() < 0.25, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("items", [1, 2, 4, 8])
+def test_every_cached_variant(items):
+    for dtype in DTYPES:
+        run_case(dtype, 5, 4096, False, items, items)
+
+
+@pytest.mark.gpu
+def test_op_matches_eager_pair_and_opcheck():
+    x, r = (torch.randn(2, 5, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    y, h = op(x, r, w, 1e-5)
+    y_ref, h_ref = add_rmsnorm.add_rms_norm_reference(x, r, w, 1e-5)
+    assert torch.equal(h, h_ref)
+    assert rel_err(y, y_ref) < 1e-2
+    torch.library.opcheck(op, (x, r, w, 1e-5))
+
+
+@pytest.mark.gpu
+def test_sanitizer_small_cases():
+    for dtype in DTYPES:
+        for rows, hidden, strided in ((3, 64, False), (2, 40, True), (2, 37, False), (1, 70016, False)):
+            run_case(dtype, rows, hidden, strided, 0)
