@@ -107,3 +107,29 @@ def table(rows: list[dict], title: str, out_name: str | None = None) -> str:
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         (OUT_DIR / out_name).write_text(text)
     return text
+
+
+def versus(case: str, nbytes: int, times_us: dict, copy_gbs: float, ours: str = "fusedops") -> dict:
+    """One table row for a memory-bound op: our time, GB/s, % of copy bandwidth, and each other
+    implementation's time and our speed-up over it (None = not available, shown as '-')."""
+    t = times_us[ours]
+    row = {"case": case, f"{ours} µs": t, "GB/s": nbytes / t / 1e3, "% copy": 100 * nbytes / t / 1e3 / copy_gbs}
+    for name, other in times_us.items():
+        if name != ours:
+            row[f"{name} µs"] = other if other is not None else "-"
+            row[f"x {name}"] = f"{other / t:.2f}" if other is not None else "-"
+    return row
+
+
+def cpu_us_per_call(fn, calls: int = 2000) -> float:
+    """Wall-clock microseconds per call of a small op in eager mode: the CPU launch overhead
+    (the GPU work of a tiny kernel is shorter, so the CPU is the bottleneck)."""
+    import time
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6

@@ -1,0 +1,50 @@
+"""Residual add + RMSNorm bf16: fusedops (one kernel) vs the eager pair, Inductor's fused version and
+Liger's fused_add_rms_norm, at prefill sizes and decode sizes (CUDA-graph replay).
+Run: PYTHONPATH=. python3 perf/bench_add_rmsnorm.py"""
+import torch
+
+import fusedops.ops  # noqa: F401
+from common import copy_bandwidth_gbs, inductor, liger_module, table, time_cuda, time_graph, versus
+from fusedops.ops import add_rmsnorm
+
+EPS = 1e-6
+
+
+def impls():
+    liger = liger_module("ops.fused_add_rms_norm")
+    compiled = inductor(add_rmsnorm.add_rms_norm_reference)
+    return {
+        "fusedops": lambda x, r, w: torch.ops.fusedops.add_rms_norm(x, r, w, EPS),
+        "eager": lambda x, r, w: add_rmsnorm.add_rms_norm_reference(x, r, w, EPS),
+        "inductor": lambda x, r, w: compiled(x, r, w, EPS),
+        "liger": (lambda x, r, w: liger.LigerFusedAddRMSNormFunction.apply(x, r, w, EPS, 0.0, "llama", False))
+        if liger else None,
+    }
+
+
+def main():
+    copy = copy_bandwidth_gbs()
+    fns = impls()
+    rows_out, variants = [], []
+    for rows, hidden, timer in ((16384, 4096, time_cuda), (16384, 8192, time_cuda), (1, 4096, time_graph),
+                                (4, 4096, time_graph), (16, 4096, time_graph)):
+        x, r = (torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+        nbytes = 4 * x.numel() * x.element_size() + w.numel() * w.element_size()
+        times = {k: timer(lambda f=f: f(x, r, w)) if f else None for k, f in fns.items()}
+        label = f"[{rows}x{hidden}]" + (", graph" if timer is time_graph else "")
+        rows_out.append(versus(label, nbytes, times, copy))
+        if rows > 16:
+            y, h = torch.empty_like(x), torch.empty_like(x)
+            for items in (1, 2, 4, 8):
+                if hidden // 8 // items <= 1024:
+                    t = time_cuda(lambda: add_rmsnorm.launch(x, r, w, y, h, EPS, items))
+                    variants.append({"shape": label, "variant": f"c{items}", "µs": t,
+                                     "% copy": 100 * nbytes / t / 1e3 / copy})
+    print(f"copy bandwidth {copy:.0f} GB/s on {torch.cuda.get_device_name()}")
+    table(variants, "add+RMSNorm cached variants", "add_rmsnorm_variants.md")
+    table(rows_out, "residual add + RMSNorm bf16 (µs; x = speed-up of fusedops)", "add_rmsnorm.md")
+
+
+if __name__ == "__main__":
+    main()

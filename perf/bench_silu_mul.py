@@ -1,0 +1,43 @@
+"""SiLU·mul bf16: fusedops silu_mul (two tensors) and silu_mul_cat ([.., 2I]) vs eager, Inductor and
+Liger, at prefill sizes and decode sizes (CUDA-graph replay). Run: PYTHONPATH=. python3 perf/bench_silu_mul.py"""
+import torch
+import torch.nn.functional as F
+
+import fusedops.ops  # noqa: F401
+from common import copy_bandwidth_gbs, inductor, liger_module, table, time_cuda, time_graph, versus
+from fusedops.ops import silu_mul
+
+INTER = 14336
+
+
+def cat_reference(gu):
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+def main():
+    copy = copy_bandwidth_gbs()
+    liger = liger_module("ops.swiglu")
+    pair = inductor(silu_mul.silu_mul_reference)
+    cat = inductor(cat_reference)
+    rows_out = []
+    for rows, timer in ((8192, time_cuda), (1, time_graph), (4, time_graph), (16, time_graph)):
+        g, u = (torch.randn(rows, INTER, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        gu = torch.cat([g, u], -1)
+        nbytes = 3 * g.numel() * g.element_size()
+        label = f"[{rows}x{INTER}]" + (", graph" if timer is time_graph else "")
+        rows_out.append(versus(label + " pair", nbytes, {
+            "fusedops": timer(lambda: torch.ops.fusedops.silu_mul(g, u)),
+            "eager": timer(lambda: silu_mul.silu_mul_reference(g, u)),
+            "inductor": timer(lambda: pair(g, u)),
+            "liger": timer(lambda: liger.LigerSiLUMulFunction.apply(g, u)) if liger else None}, copy))
+        rows_out.append(versus(label + " cat", nbytes, {
+            "fusedops": timer(lambda: torch.ops.fusedops.silu_mul_cat(gu)),
+            "eager": timer(lambda: cat_reference(gu)),
+            "inductor": timer(lambda: cat(gu))}, copy))
+    print(f"copy bandwidth {copy:.0f} GB/s on {torch.cuda.get_device_name()}")
+    table(rows_out, "SiLU·mul bf16 (µs; x = speed-up of fusedops)", "silu_mul.md")
+
+
+if __name__ == "__main__":
+    main()
