@@ -8,15 +8,79 @@ the first kv_len[b] keys of a static cache.
     kv_len:    None or int [B] (or [1]) on the device: keys j >= kv_len[b] are ignored. Read on the
                device, so a captured CUDA graph serves every step of a growing cache.
 A query row with no visible key returns zeros (SDPA would return NaN).
+
+fusedops::attention_varlen is the same for packed batches: q [T, Hq, D], k/v [Tk, Hkv, D], sequence
+b owning rows cu_seqlens_q[b]:cu_seqlens_q[b+1] (and likewise for k), causal diagonal aligned to the
+end of each sequence.
+
+CUDA path (csrc/attention_prefill.cu, FlashAttention-2-style): bf16/fp16, head_dim in PREFILL_TILES.
+Other dtypes (fp32 included) and head dims raise ValueError there, so that the compile backend keeps
+SDPA for them; `cuda_unsupported(...)` says why ahead of time. q/k/v are read through their strides
+(HF's transposed [B, S, H, D] views need no copy); a tensor whose last dim is not contiguous, or whose
+strides / address are not 16-byte aligned, is copied first. For S <= 8 the op hands over to the decode
+kernel (fusedops.ops.attention_decode) when that module exists.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib.util
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from ._launch import check_dtype, check_same_dtype
+from ..runtime import register_source
+from ._launch import DTYPE_SUFFIX, check_cuda, check_dtype, check_same_dtype, kernel
+
+
+class PrefillTile(NamedTuple):
+    block_m: int      # query rows per CTA
+    block_n: int      # keys per pipeline stage
+    warps: int
+    min_blocks: int   # __launch_bounds__ minimum CTAs per SM (register cap)
+
+
+# head_dim -> tile variants; the first is the one the op uses, the others are benchmark candidates.
+# ptxas (sm_90a): d128 m64: 196 regs; d128 m128/n32: 255; d64 m128: 245; d256 m64/n32: 244; no spills.
+PREFILL_TILES: dict[int, tuple[PrefillTile, ...]] = {
+    64: (PrefillTile(128, 64, 4, 1), PrefillTile(64, 64, 4, 1)),
+    128: (PrefillTile(64, 64, 4, 1), PrefillTile(128, 32, 4, 1), PrefillTile(128, 64, 8, 1)),
+    256: (PrefillTile(64, 32, 4, 1),),
+}
+PREFILL_STAGES = 2  # kStages in csrc/attention/prefill_traits.cuh
+DECODE_MAX_QUERIES = 8  # S at or below this goes to the decode kernel when it exists
+
+
+def _tile_source(head_dim: int, tile: PrefillTile):
+    flags = (f"-DFA_HEAD_DIM={head_dim}", f"-DFA_BLOCK_M={tile.block_m}", f"-DFA_BLOCK_N={tile.block_n}",
+             f"-DFA_WARPS={tile.warps}", f"-DFA_MIN_BLOCKS={tile.min_blocks}")
+    name = f"attention_prefill_d{head_dim}_m{tile.block_m}_n{tile.block_n}_w{tile.warps}"
+    return register_source(name, "attention_prefill.cu", flags=flags)
+
+
+PREFILL_SOURCES = {(d, t): _tile_source(d, t) for d, tiles in PREFILL_TILES.items() for t in tiles}
+
+
+def prefill_smem_bytes(head_dim: int, tile: PrefillTile) -> int:
+    """kSmemSize of the traits: the Q tile plus PREFILL_STAGES stages of (K, V) tiles."""
+    return (tile.block_m + PREFILL_STAGES * 2 * tile.block_n) * head_dim * 2
+
+
+class AttentionPrefillParams(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("mask", ctypes.c_void_p),
+                ("kv_len", ctypes.c_void_p), ("cu_seqlens_q", ctypes.c_void_p),
+                ("cu_seqlens_k", ctypes.c_void_p),
+                *[(f"{t}_{d}", ctypes.c_int64) for t in "qkvo" for d in ("batch", "head", "row")],
+                ("lse_batch", ctypes.c_int64), ("lse_head", ctypes.c_int64),
+                ("mask_batch", ctypes.c_int64), ("mask_head", ctypes.c_int64),
+                ("mask_row", ctypes.c_int64), ("mask_col", ctypes.c_int64),
+                ("kv_len_stride", ctypes.c_int64),
+                ("seqlen_q", ctypes.c_int32), ("seqlen_k", ctypes.c_int32),
+                ("heads_q", ctypes.c_int32), ("group", ctypes.c_int32),
+                ("kv_len_is_int64", ctypes.c_int32), ("is_causal", ctypes.c_int32),
+                ("scale_log2", ctypes.c_float), ("scale", ctypes.c_float)]
 
 ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -85,3 +149,192 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
 def _(q, k, v, attn_mask=None, scale=None, is_causal=False, kv_len=None):
     _validate(q, k, v, attn_mask, scale, is_causal, kv_len)
     return q.new_empty(q.shape)
+
+
+def cuda_unsupported(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
+    """Why the CUDA kernel cannot take these inputs (None if it can): dtype or head_dim."""
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"q: dtype {q.dtype} is not supported by the CUDA kernel (bf16, fp16)"
+    if q.shape[-1] not in PREFILL_TILES:
+        return f"q: head_dim {q.shape[-1]} is not supported by the CUDA kernel ({sorted(PREFILL_TILES)})"
+    return None
+
+
+def _kernel_operand(x: torch.Tensor) -> torch.Tensor:
+    """x itself when the kernel can read it through its strides (unit last stride, 16-byte aligned
+    rows and base), else a contiguous copy."""
+    aligned = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(
+        st % 8 == 0 for st, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1)
+    return x if aligned else x.contiguous()
+
+
+def _strides(x: torch.Tensor) -> list[int]:
+    """Element strides of the leading dims, 0 for size-1 dims (never stepped over)."""
+    return [st if n > 1 else 0 for st, n in zip(x.stride()[:-1], x.shape[:-1])]
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_impl():
+    """fusedops.ops.attention_decode.decode_attention_cuda when that module exists (written apart)."""
+    if importlib.util.find_spec(f"{__package__}.attention_decode") is None:
+        return None
+    from . import attention_decode
+    return attention_decode.decode_attention_cuda
+
+
+def _launch_prefill(params: AttentionPrefillParams, q: torch.Tensor, grid_rows: int, batches: int,
+                    tile: Optional[PrefillTile]) -> None:
+    head_dim = q.shape[-1]
+    tile = tile or PREFILL_TILES[head_dim][0]
+    fn = kernel(PREFILL_SOURCES[(head_dim, tile)], f"attention_prefill_{DTYPE_SUFFIX[q.dtype]}",
+                AttentionPrefillParams, q.device)
+    grid = (-(-grid_rows // tile.block_m), params.heads_q, batches)
+    fn.launch(grid, (tile.warps * 32,), params, smem=prefill_smem_bytes(head_dim, tile))
+
+
+def _check_cuda_inputs(q, k, v, **extra) -> None:
+    reason = cuda_unsupported(q, k)
+    if reason:
+        raise ValueError(reason)
+    check_cuda("q", q)
+    for name, t in (("k", k), ("v", v), *extra.items()):
+        if t is not None:
+            check_cuda(name, t, q.device)
+
+
+def attention_prefill_cuda(q, k, v, attn_mask=None, scale=None, is_causal=False, kv_len=None,
+                           lse: Optional[torch.Tensor] = None, tile: Optional[PrefillTile] = None,
+                           out: Optional[torch.Tensor] = None):
+    """The prefill kernel for any S (validated inputs). lse: optional fp32 [B, Hq, S] to fill with the
+    natural-log sum-exp of each row (-inf where nothing is visible); tile: a PREFILL_TILES entry;
+    out: optional contiguous tensor like q to write into (tests poison it first)."""
+    _check_cuda_inputs(q, k, v, attn_mask=attn_mask, kv_len=kv_len, lse=lse, out=out)
+    b, hq, s, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {q.dtype} {tuple(q.shape)}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    if out.numel() == 0:
+        return out
+    if skv == 0:
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out.zero_()
+    q, k, v = _kernel_operand(q), _kernel_operand(k), _kernel_operand(v)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    p = AttentionPrefillParams(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr())
+    p.q_batch, p.q_head, p.q_row = _strides(q)
+    p.k_batch, p.k_head, p.k_row = _strides(k)
+    p.v_batch, p.v_head, p.v_row = _strides(v)
+    p.o_batch, p.o_head, p.o_row = out.stride()[:3]
+    if lse is not None:
+        if lse.dtype != torch.float32 or lse.shape != (b, hq, s) or not lse.is_contiguous():
+            raise ValueError(f"lse: expected a contiguous float32 {(b, hq, s)}, got {lse.dtype} {tuple(lse.shape)}")
+        p.lse, p.lse_batch, p.lse_head = lse.data_ptr(), hq * s, s
+    if attn_mask is not None:
+        mask = attn_mask.expand(b, hq, s, skv)
+        p.mask = mask.data_ptr()
+        p.mask_batch, p.mask_head, p.mask_row, p.mask_col = (st if n > 1 else 0
+                                                              for st, n in zip(mask.stride(), mask.shape))
+    if kv_len is not None:
+        p.kv_len, p.kv_len_is_int64 = kv_len.data_ptr(), int(kv_len.dtype == torch.int64)
+        p.kv_len_stride = kv_len.stride(0) if kv_len.shape[0] > 1 else 0
+    p.seqlen_q, p.seqlen_k, p.heads_q, p.group = s, skv, hq, hq // hkv
+    p.is_causal, p.scale, p.scale_log2 = int(is_causal), scale, scale * math.log2(math.e)
+    _launch_prefill(p, q, s, b, tile)
+    return out
+
+
+@attention.register_kernel("cuda")
+def _(q, k, v, attn_mask=None, scale=None, is_causal=False, kv_len=None):
+    _validate(q, k, v, attn_mask, scale, is_causal, kv_len)
+    _check_cuda_inputs(q, k, v, attn_mask=attn_mask, kv_len=kv_len)
+    decode = _decode_impl() if q.shape[2] <= DECODE_MAX_QUERIES else None
+    if decode is not None:
+        return decode(q, k, v, attn_mask, scale, is_causal, kv_len)
+    return attention_prefill_cuda(q, k, v, attn_mask, scale, is_causal, kv_len)
+
+
+# ---- packed variable-length batches ---------------------------------------------------------------
+
+def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, is_causal=False):
+    """fp32 math: attention_reference on each packed sequence."""
+    out = torch.empty_like(q)
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(bounds_q) - 1):
+        (q0, q1), (k0, k1) = bounds_q[b:b + 2], bounds_k[b:b + 2]
+        seq = lambda x, lo, hi: x[lo:hi].transpose(0, 1).unsqueeze(0)  # noqa: E731  [1, H, S, D]
+        out[q0:q1] = attention_reference(seq(q, q0, q1), seq(k, k0, k1), seq(v, k0, k1), None, scale,
+                                         is_causal)[0].transpose(0, 1)
+    return out
+
+
+def _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    check_dtype("q", q, ATTENTION_DTYPES)
+    check_same_dtype("k", k, "q", q)
+    check_same_dtype("v", v, "q", q)
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[2] != q.shape[2]:
+        raise ValueError(f"q, k, v: expected [T, H, D] with matching D and k.shape == v.shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"k: {k.shape[1]} kv heads do not divide q's {q.shape[1]} heads")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name}: expected int32 [B + 1] with B >= 1, got {cu.dtype} {tuple(cu.shape)}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_k: {tuple(cu_seqlens_k.shape)} sequences, cu_seqlens_q has "
+                         f"{tuple(cu_seqlens_q.shape)}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if m < 0:
+            raise ValueError(f"{name}: must be >= 0, got {m}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale: must be > 0, got {scale}")
+
+
+@torch.library.custom_op("fusedops::attention_varlen", mutates_args=(), device_types="cpu")
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                     scale: Optional[float] = None, is_causal: bool = False) -> torch.Tensor:
+    _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    return attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, is_causal).contiguous()
+
+
+@attention_varlen.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, is_causal=False):
+    _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    return q.new_empty(q.shape)
+
+
+def attention_varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None,
+                          is_causal=False, lse: Optional[torch.Tensor] = None,
+                          tile: Optional[PrefillTile] = None):
+    """The prefill kernel over packed sequences. max_seqlen_q must bound every sequence's length
+    (it sizes the grid). lse: optional contiguous fp32 [Hq, T]."""
+    _check_cuda_inputs(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, lse=lse)
+    total, hq, d = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.numel() == 0 or max_seqlen_q == 0:
+        return out.zero_()
+    q, k, v = _kernel_operand(q), _kernel_operand(k), _kernel_operand(v)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    p = AttentionPrefillParams(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr())
+    (p.q_row, p.q_head), (p.k_row, p.k_head), (p.v_row, p.v_head) = q.stride()[:2], k.stride()[:2], v.stride()[:2]
+    p.o_row, p.o_head = out.stride()[:2]
+    if lse is not None:
+        if lse.dtype != torch.float32 or lse.shape != (hq, total) or not lse.is_contiguous():
+            raise ValueError(f"lse: expected a contiguous float32 {(hq, total)}, got {lse.dtype} {tuple(lse.shape)}")
+        p.lse, p.lse_head = lse.data_ptr(), total
+    p.cu_seqlens_q, p.cu_seqlens_k = cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr()
+    p.seqlen_q, p.seqlen_k, p.heads_q, p.group = max_seqlen_q, max_seqlen_k, hq, hq // k.shape[1]
+    p.is_causal, p.scale, p.scale_log2 = int(is_causal), scale, scale * math.log2(math.e)
+    _launch_prefill(p, q, max_seqlen_q, cu_seqlens_q.shape[0] - 1, tile)
+    return out
+
+
+@attention_varlen.register_kernel("cuda")
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, is_causal=False):
+    _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    return attention_varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                 is_causal)

@@ -1,0 +1,29 @@
+// Runtime arguments of the prefill attention kernel, mirrored by AttentionPrefillParams in
+// fusedops/ops/attention.py. Strides are in elements; the last (head) dim is contiguous.
+#pragma once
+#include <stdint.h>
+
+struct AttentionPrefillParams {
+    const void* q;               // [B, Hq, S, D]   (varlen: [T, Hq, D], batch stride unused)
+    const void* k;               // [B, Hkv, Skv, D]
+    const void* v;
+    void* out;                   // same layout rules as q
+    float* lse;                  // optional [B, Hq, S] fp32 (natural log); null = not written
+    const uint8_t* mask;         // optional bool, broadcast strides (0 where broadcast)
+    const void* kv_len;          // optional int32/int64 [B] or [1]
+    const int32_t* cu_seqlens_q; // varlen only: [B + 1]
+    const int32_t* cu_seqlens_k;
+    int64_t q_batch, q_head, q_row;
+    int64_t k_batch, k_head, k_row;
+    int64_t v_batch, v_head, v_row;
+    int64_t o_batch, o_head, o_row;
+    int64_t lse_batch, lse_head;  // lse rows are contiguous
+    int64_t mask_batch, mask_head, mask_row, mask_col;
+    int64_t kv_len_stride;       // 0 for a [1] tensor
+    int32_t seqlen_q, seqlen_k;  // varlen: the maxima (grid bound only)
+    int32_t heads_q, group;      // group = Hq / Hkv
+    int32_t kv_len_is_int64;
+    int32_t is_causal;
+    float scale_log2;            // softmax scale * log2(e)
+    float scale;
+};
