@@ -80,7 +80,7 @@ def rewrite_graph(gm: GraphModule, example_inputs: Sequence[Any],
             for pattern in PATTERNS:
                 if any(ctx.enabled(name) for name in pattern.names):
                     pattern.apply(ctx)
-            ctx.erase_dead()
+                    ctx.erase_dead()  # later patterns must not see the nodes this one consumed
             work.graph.lint()
             work.recompile()
         except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:

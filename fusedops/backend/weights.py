@@ -101,9 +101,9 @@ class WeightStore:
             self._remember(key, hit, sources)
         if hit is not None:
             return hit, PreparedWeight(kind, tuple(hit.shape), hit.dtype, 0, False, True)
-        with torch.no_grad(), torch.inference_mode(False):
+        aliased = mode == "alias" and self._can_alias(sources)
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, whatever mode the caller is in
             prepared = build()
-            aliased = mode == "alias" and self._can_alias(sources)
             if aliased:
                 offset = 0
                 for t in sources:

@@ -4,10 +4,19 @@ report and logs every near-miss with its reason."""
 from __future__ import annotations
 
 from .base import Context, Pattern, op_counts
+from .attention import AttentionPattern
+from .linear import LinearResidualPattern, QkvPattern
+from .mlp import GateUpSiluPattern
 from .norm import RmsNormPattern
+from .rope import RopePattern
 
 PATTERNS: tuple[Pattern, ...] = (
-    RmsNormPattern(),
+    GateUpSiluPattern(),      # takes gate, up, act and mul before qkv could group gate with up
+    QkvPattern(),
+    LinearResidualPattern(),  # takes the residual adds before add_rms_norm (see linear.py)
+    RmsNormPattern(),         # rms_norm, or add_rms_norm when the add is still there
+    RopePattern(),            # rope_cache_write (rope + both cache writes) before plain rope
+    AttentionPattern(),       # after the cache writes are known, for kv_len
 )
 
 ALL_FUSIONS = frozenset(name for p in PATTERNS for name in p.names)

@@ -23,6 +23,13 @@ class Context:
         self.consumed: list[Node] = []
         self._attr_count = collections.Counter()
 
+    def order(self, node: Node) -> int:
+        """Position of node in the graph (recomputed: the graph changes under the patterns)."""
+        for i, n in enumerate(self.graph.nodes):
+            if n is node:
+                return i
+        raise KeyError(f"node {node} is not in the graph")
+
     def enabled(self, name: str) -> bool:
         return name in self.options.fusions
 
@@ -76,6 +83,7 @@ class Context:
         for node in pending:
             if not node.users:
                 self.graph.erase_node(node)
+        self.consumed = [n for n in self.consumed if n in order and n.users]
 
 
 def op_counts(gm: GraphModule) -> collections.Counter:
