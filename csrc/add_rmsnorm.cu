@@ -35,17 +35,17 @@ __device__ __forceinline__ void add_rmsnorm_row(const AddRmsNormParams& p) {
 
 }  // namespace fusedops
 
-#define FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, SUFFIX, VEC, ITEMS)                                              \
-    extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_##NAME##_##SUFFIX(const __grid_constant__ AddRmsNormParams p) { \
+#define FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, SUFFIX, VEC, ITEMS, MAX_THREADS)                                              \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS) add_rmsnorm_##NAME##_##SUFFIX(const __grid_constant__ AddRmsNormParams p) { \
         fusedops::add_rmsnorm_row<T, VEC, ITEMS>(p);                                                          \
     }
 #define FUSEDOPS_ADD_RMSNORM_VARIANTS(T, NAME)                                \
-    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c1, fusedops::kVec16<T>, 1)          \
-    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c2, fusedops::kVec16<T>, 2)          \
-    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c4, fusedops::kVec16<T>, 4)          \
-    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c8, fusedops::kVec16<T>, 8)          \
-    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, sv, fusedops::kVec16<T>, 0)          \
-    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, s1, 1, 0)
+    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c1, fusedops::kVec16<T>, 1, kCachedThreads)          \
+    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c2, fusedops::kVec16<T>, 2, kCachedThreads)          \
+    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c4, fusedops::kVec16<T>, 4, kCachedThreads)          \
+    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c8, fusedops::kVec16<T>, 8, kCachedThreads)          \
+    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, sv, fusedops::kVec16<T>, 0, 1024)          \
+    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, s1, 1, 0, 1024)
 
 FUSEDOPS_ADD_RMSNORM_VARIANTS(__nv_bfloat16, bf16)
 FUSEDOPS_ADD_RMSNORM_VARIANTS(__half, fp16)

@@ -1,6 +1,8 @@
 """Residual add + RMSNorm bf16: fusedops (one kernel) vs the eager pair, Inductor's fused version and
-Liger's fused_add_rms_norm, at prefill sizes and decode sizes (CUDA-graph replay).
-Run: PYTHONPATH=. python3 perf/bench_add_rmsnorm.py"""
+Liger's fused_add_rms_norm, at prefill and decode sizes; GPU times from CUDA-graph replay for all
+(see bench_rmsnorm.py for why). Run: PYTHONPATH=.:perf python3 perf/bench_add_rmsnorm.py"""
+import functools
+
 import torch
 
 import fusedops.ops  # noqa: F401
@@ -8,6 +10,7 @@ from common import copy_bandwidth_gbs, inductor, liger_module, table, time_cuda,
 from fusedops.ops import add_rmsnorm
 
 EPS = 1e-6
+big = functools.partial(time_graph, calls=10, reps=10)
 
 
 def impls():
@@ -26,7 +29,7 @@ def main():
     copy = copy_bandwidth_gbs()
     fns = impls()
     rows_out, variants = [], []
-    for rows, hidden, timer in ((16384, 4096, time_cuda), (16384, 8192, time_cuda), (1, 4096, time_graph),
+    for rows, hidden, timer in ((16384, 4096, big), (16384, 8192, big), (1, 4096, time_graph),
                                 (4, 4096, time_graph), (16, 4096, time_graph)):
         x, r = (torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
@@ -35,10 +38,11 @@ def main():
         label = f"[{rows}x{hidden}]" + (", graph" if timer is time_graph else "")
         rows_out.append(versus(label, nbytes, times, copy))
         if rows > 16:
+            rows_out[-1]["fusedops eager µs"] = time_cuda(lambda: fns["fusedops"](x, r, w))
             y, h = torch.empty_like(x), torch.empty_like(x)
             for items in (1, 2, 4, 8):
-                if hidden // 8 // items <= 1024:
-                    t = time_cuda(lambda: add_rmsnorm.launch(x, r, w, y, h, EPS, items))
+                if hidden // 8 <= items * 512:
+                    t = big(lambda: add_rmsnorm.launch(x, r, w, y, h, EPS, items))
                     variants.append({"shape": label, "variant": f"c{items}", "µs": t,
                                      "% copy": 100 * nbytes / t / 1e3 / copy})
     print(f"copy bandwidth {copy:.0f} GB/s on {torch.cuda.get_device_name()}")

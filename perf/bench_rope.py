@@ -1,7 +1,9 @@
 """RoPE bf16 on Llama-3-8B q/k (32 q heads, 8 kv heads, D = 128): fusedops vs eager, Inductor and Liger
 at 8k tokens (HF's transposed q/k views and contiguous ones); and RoPE + static KV-cache write in one
-kernel vs Inductor RoPE + index_copy_ at decode (CUDA-graph replay) and prefill sizes.
-Run: PYTHONPATH=. python3 perf/bench_rope.py"""
+kernel vs Inductor RoPE + index_copy_ at decode and prefill sizes. GPU times from CUDA-graph replay
+for all (see bench_rmsnorm.py). Run: PYTHONPATH=.:perf python3 perf/bench_rope.py"""
+import functools
+
 import torch
 
 import fusedops.ops  # noqa: F401
@@ -10,6 +12,7 @@ from fusedops.ops import rope
 
 HQ, HKV, D = 32, 8, 128
 CACHE_LEN = 8192
+big = functools.partial(time_graph, calls=10, reps=10)
 
 
 def qkv(b, s, transposed=True):
@@ -44,11 +47,12 @@ def main():
         cos, sin = cos_sin(8192)
         nbytes = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 2
         rows_out.append(versus(f"rope 8k tokens, {'HF transposed' if transposed else 'contiguous'} q/k", nbytes, {
-            "fusedops": time_cuda(lambda: torch.ops.fusedops.rope(q, k, cos, sin)),
-            "eager": time_cuda(lambda: rope.rope_reference(q, k, cos, sin)),
-            "inductor": time_cuda(lambda: compiled(q, k, cos, sin)),
-            "liger": time_cuda(lambda: liger.LigerRopeFunction.apply(q, k, cos, sin)) if liger else None}, copy))
-    for b, s, timer in ((1, 1, time_graph), (8, 1, time_graph), (1, 2048, time_cuda), (1, 8192, time_cuda)):
+            "fusedops": big(lambda: torch.ops.fusedops.rope(q, k, cos, sin)),
+            "eager": big(lambda: rope.rope_reference(q, k, cos, sin)),
+            "inductor": big(lambda: compiled(q, k, cos, sin)),
+            "liger": big(lambda: liger.LigerRopeFunction.apply(q, k, cos, sin)) if liger else None}, copy))
+        rows_out[-1]["fusedops eager µs"] = time_cuda(lambda: torch.ops.fusedops.rope(q, k, cos, sin))
+    for b, s, timer in ((1, 1, time_graph), (8, 1, time_graph), (1, 2048, big), (1, 8192, big)):
         q, k, v = qkv(b, s)
         cos, sin = cos_sin(s)
         kc = torch.zeros(b, HKV, CACHE_LEN, D, device="cuda", dtype=torch.bfloat16)

@@ -1,5 +1,8 @@
 """SiLU·mul bf16: fusedops silu_mul (two tensors) and silu_mul_cat ([.., 2I]) vs eager, Inductor and
-Liger, at prefill sizes and decode sizes (CUDA-graph replay). Run: PYTHONPATH=. python3 perf/bench_silu_mul.py"""
+Liger, at prefill and decode sizes; GPU times from CUDA-graph replay for all (see bench_rmsnorm.py).
+Run: PYTHONPATH=.:perf python3 perf/bench_silu_mul.py"""
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +11,7 @@ from common import copy_bandwidth_gbs, inductor, liger_module, table, time_cuda,
 from fusedops.ops import silu_mul
 
 INTER = 14336
+big = functools.partial(time_graph, calls=10, reps=10)
 
 
 def cat_reference(gu):
@@ -21,7 +25,7 @@ def main():
     pair = inductor(silu_mul.silu_mul_reference)
     cat = inductor(cat_reference)
     rows_out = []
-    for rows, timer in ((8192, time_cuda), (1, time_graph), (4, time_graph), (16, time_graph)):
+    for rows, timer in ((8192, big), (1, time_graph), (4, time_graph), (16, time_graph)):
         g, u = (torch.randn(rows, INTER, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         gu = torch.cat([g, u], -1)
         nbytes = 3 * g.numel() * g.element_size()
@@ -35,6 +39,8 @@ def main():
             "fusedops": timer(lambda: torch.ops.fusedops.silu_mul_cat(gu)),
             "eager": timer(lambda: cat_reference(gu)),
             "inductor": timer(lambda: cat(gu))}, copy))
+        if timer is big:
+            rows_out[-1]["fusedops eager µs"] = time_cuda(lambda: torch.ops.fusedops.silu_mul_cat(gu))
     print(f"copy bandwidth {copy:.0f} GB/s on {torch.cuda.get_device_name()}")
     table(rows_out, "SiLU·mul bf16 (µs; x = speed-up of fusedops)", "silu_mul.md")
 

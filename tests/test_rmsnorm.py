@@ -113,7 +113,7 @@ def test_random_sweep_vs_float64():
 @pytest.mark.parametrize("items", [1, 2, 4, 8])
 def test_every_cached_variant(items):
     for dtype in DTYPES:
-        run_case(dtype, 5, 4096, False, items, items)
+        run_case(dtype, 5, 2048, False, items, items)
 
 
 @pytest.mark.gpu

@@ -13,8 +13,8 @@ from ._launch import (DTYPE_SUFFIX, aligned16, check_cuda, check_dtype, check_sa
 
 SOURCE = register_source("rmsnorm", "rmsnorm.cu")
 
-# Threads per row the cached kernels aim at: ITEMS grows until the row fits in this many threads.
-# Measured on the H100 (perf/notes/memkernels.md): see bench_rmsnorm's variant sweep.
+# Most threads per row for the cached kernels (kCachedThreads in csrc/rmsnorm.cuh); ITEMS grows until
+# the row fits. Rows longer than 8 x 512 vectors stream. Variant sweep: perf/bench_rmsnorm.py.
 CACHED_THREADS = 512
 CACHED_ITEMS = (1, 2, 4, 8)
 
@@ -45,14 +45,16 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
 
 def row_variant(hidden: int, vec: int, vector_ok: bool, items: int | None = None) -> tuple[str, int]:
     """(kernel suffix, threads per CTA) for a one-row-per-CTA norm kernel of csrc/rmsnorm.cuh.
-    `items` forces a cached variant (benchmark sweeps)."""
+    `items` forces a cached variant (benchmark sweeps); it must fit in CACHED_THREADS threads."""
     nvec = hidden // vec if vector_ok else hidden
     if vector_ok and items is None:
         items = next((i for i in CACHED_ITEMS if nvec <= i * CACHED_THREADS), None)
-        if items is None and nvec <= CACHED_ITEMS[-1] * 1024:
-            items = CACHED_ITEMS[-1]
     if vector_ok and items is not None:
-        return f"c{items}", max(32, (-(-nvec // items) + 31) // 32 * 32)
+        threads = max(32, (-(-nvec // items) + 31) // 32 * 32)
+        if threads > CACHED_THREADS:
+            raise ValueError(f"items: {items} vectors a thread need {threads} threads for hidden={hidden}, "
+                             f"more than {CACHED_THREADS}")
+        return f"c{items}", threads
     return ("sv" if vector_ok else "s1"), min(1024, (nvec + 31) // 32 * 32)
 
 
