@@ -56,6 +56,7 @@ def smem_bytes(head_dim: int, tiles: int) -> int:
     return max(pipe, merge) + 16 * tiles * head_dim * 2
 
 
+@functools.lru_cache(maxsize=None)
 def choose_splits(ctas_per_split: int, cache_len: int, slots: int) -> int:
     """Splits of the cache per (batch, kv head): fill `slots` resident CTAs (SMs x CTAs per SM) with
     the fewest splits whose last wave is nearly as full as the best choice's."""
