@@ -32,19 +32,21 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const typename Tr::T* b
     }
 }
 
-// ldmatrix addresses without a register per (row, chunk) pair: a fragment's rows differ from the
-// lane's row by multiples of 8 (row % 8 fixed), and chunk (4j + i) ^ (row % 8) = 8 (j / 2) + ((2i + lo) ^
-// (row % 8)) for lo in {0, 1}; so 4 per-lane offsets plus compile-time constants cover the tile.
+// ldmatrix addresses with two registers per operand: a fragment's rows differ from the lane's row by
+// multiples of 8 (row % 8 = lane % 8 fixed), and for chunk 2 pair + lo (lo in {0, 1}),
+// (2 pair + lo) ^ r = (2 pair ^ (r & 6)) + ((lo ^ r) & 1); so offset = base + ((32 pair) ^ hi) with
+// base and hi = 16 (r & 6) per lane, and the pair / row steps as immediates.
 template <class Tr>
 struct FragmentOffsets {
-    uint32_t off[4];
+    uint32_t base, hi;
     __device__ __forceinline__ FragmentOffsets(int row, int chunk_lo) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) off[i] = swizzled_offset<Tr::kChunks>(row, 2 * i + chunk_lo);
+        const int r = row & 7;
+        base = (row * Tr::kChunks + ((chunk_lo ^ r) & 1)) * 16;
+        hi = (r & 6) * 16;
     }
     // Byte offset of chunk pair `pair` (chunks 2 pair + {0, 1}) in the row `rows_down` below the lane's.
     __device__ __forceinline__ uint32_t at(int rows_down, int pair) const {
-        return off[pair % 4] + (pair / 4) * 128 + rows_down * Tr::kChunks * 16;
+        return base + ((pair * 32) ^ hi) + rows_down * Tr::kChunks * 16;
     }
 };
 
@@ -191,13 +193,12 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
     for (int j = 0; j < n_blocks; ++j) {
         const int n_block = n_blocks - 1 - j, stage = j & 1;
         const int n0 = n_block * Tr::kBlockN;
-        __syncthreads();  // every warp is done with the other stage (read in iteration j - 1)
+        cp_async_wait<1>();  // this stage's K (and Q) landed; its V may still fly
+        __syncthreads();     // ... for every thread; and every warp is done with the other stage
         if (n_block > 0) load_tile<Tr, Tr::kBlockN>(sk(stage ^ 1), k, p.k_row, n0 - Tr::kBlockN, span.key_end);
         cp_async_commit();
         if (n_block > 0) load_tile<Tr, Tr::kBlockN>(sv(stage ^ 1), v, p.v_row, n0 - Tr::kBlockN, span.key_end);
         cp_async_commit();
-        cp_async_wait<3>();  // this stage's K (and Q) landed; V and the next tile may still fly
-        __syncthreads();
 
         float s[kMTiles][kNTiles][4];
 #pragma unroll
@@ -234,7 +235,7 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
         uint32_t pa[kMTiles][Tr::kBlockN / 16][4];
         pack_p<Tr>(pa, s);
 
-        cp_async_wait<2>();  // this stage's V landed
+        cp_async_wait<2>();  // this stage's V landed (the next stage's K and V may fly)
         __syncthreads();
         gemm_pv<Tr>(o, pa, sv(stage), v_frag);
     }

@@ -59,10 +59,12 @@ struct OnlineSoftmax {
                         sum += p;
                     }
                 row_sum[mi][h] = fmaf(row_sum[mi][h], correction, sum);
+                if (correction != 1.f) {  // the max rarely moves once a row has seen a few tiles
 #pragma unroll
-                for (int di = 0; di < kDTiles; ++di) {
-                    o[mi][di][2 * h] *= correction;
-                    o[mi][di][2 * h + 1] *= correction;
+                    for (int di = 0; di < kDTiles; ++di) {
+                        o[mi][di][2 * h] *= correction;
+                        o[mi][di][2 * h + 1] *= correction;
+                    }
                 }
             }
     }
