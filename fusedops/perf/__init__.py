@@ -1,0 +1,1 @@
+"""End-to-end comparison suite (`python -m fusedops.perf`): models, measurement and report."""
