@@ -101,6 +101,7 @@ class AttentionPattern:
             if float_const(arg(probs, 1, "p", 0.5)) != 0.0 and arg(probs, 2, "training", True):
                 return
             probs = probs.args[0]
+        walked.append(probs)
         if is_cast(probs):
             probs = probs.args[0]
         walked.append(probs)
