@@ -1,0 +1,35 @@
+"""LayerNorm bf16 (weight and bias): fusedops vs eager F.layer_norm, Inductor and Liger at prefill and
+decode sizes, GPU times under CUDA-graph replay for all. Run: PYTHONPATH=.:perf python3 perf/bench_layernorm.py"""
+import functools
+
+import torch
+
+import fusedops.ops  # noqa: F401
+from common import copy_bandwidth_gbs, inductor, liger_module, table, time_graph, versus
+from fusedops.ops import layernorm
+
+EPS = 1e-5
+SHAPES = [(16384, 768), (16384, 4096), (16384, 8192), (1, 4096), (16, 4096)]
+big = functools.partial(time_graph, calls=10, reps=10)
+
+
+def main():
+    copy = copy_bandwidth_gbs()
+    liger = liger_module("ops.layer_norm")
+    compiled = inductor(layernorm.layer_norm_reference)
+    rows_out = []
+    for rows, hidden in SHAPES:
+        x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+        w, b = (torch.randn(hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        timer = big if rows > 16 else time_graph
+        rows_out.append(versus(f"[{rows}x{hidden}]", 2 * x.numel() * 2 + 4 * hidden, {
+            "fusedops": timer(lambda: torch.ops.fusedops.layer_norm(x, w, b, EPS)),
+            "eager": timer(lambda: layernorm.layer_norm_reference(x, w, b, EPS)),
+            "inductor": timer(lambda: compiled(x, w, b, EPS)),
+            "liger": timer(lambda: liger.LigerLayerNormFunction.apply(x, w, b, EPS)) if liger else None}, copy))
+    print(f"copy bandwidth {copy:.0f} GB/s on {torch.cuda.get_device_name()}")
+    table(rows_out, "LayerNorm bf16 (µs; x = speed-up of fusedops)", "layernorm.md")
+
+
+if __name__ == "__main__":
+    main()
