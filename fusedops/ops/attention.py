@@ -46,8 +46,9 @@ class PrefillTile(NamedTuple):
 # would spill: 255 regs + 68 B); d64 128x64x4 245 > 64x64x4 227. ptxas: 255/200/198, 246/162, d256 249
 # registers, no spills.
 PREFILL_TILES: dict[int, tuple[PrefillTile, ...]] = {
-    64: (PrefillTile(128, 64, 4, 1), PrefillTile(64, 64, 4, 1)),
-    128: (PrefillTile(128, 32, 4, 1), PrefillTile(64, 64, 4, 1), PrefillTile(128, 64, 8, 1)),
+    64: (PrefillTile(128, 64, 4, 1), PrefillTile(64, 64, 4, 1), PrefillTile(256, 64, 8, 1)),
+    128: (PrefillTile(128, 32, 4, 1), PrefillTile(64, 64, 4, 1), PrefillTile(128, 64, 8, 1),
+          PrefillTile(256, 32, 8, 1)),
     256: (PrefillTile(64, 32, 4, 1),),
 }
 PREFILL_STAGES = 2  # kStages in csrc/attention/prefill_traits.cuh
