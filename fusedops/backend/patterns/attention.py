@@ -56,7 +56,7 @@ def _cache_positions(ctx: Context) -> dict:
 def _bool_from_additive(ctx: Context, mask) -> Optional[Any]:
     """The boolean mask behind an additive where(b, 0, min) mask (possibly sliced), else None."""
     index = None
-    if kind(mask) == "getitem":
+    if kind(mask) == "getitem":  # HF 4.4x: attention_mask[:, :, :, : key_states.shape[-2]]
         mask, index = mask.args
     if not (mask is not None and getattr(mask, "target", None) is torch.where and len(mask.args) == 3):
         return None
@@ -115,6 +115,8 @@ class AttentionPattern:
         if kind(scores) == "add" and binary_operands(scores):
             a, b = scores.args
             scores, additive = (a, b) if kind(a) in ("mul", "div", "matmul") else (b, a)
+            walked += [scores, additive] + [n for n in getattr(additive, "all_input_nodes", ())
+                                            if n.op == "call_function"]
             mask = _bool_from_additive(ctx, additive)
             if mask is None:
                 ctx.report.near_miss("attention", node, "additive float mask not built from a boolean mask "

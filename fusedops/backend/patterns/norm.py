@@ -57,14 +57,20 @@ def _statistics(rsqrt_node) -> Optional[tuple[Any, float, list]]:
     return h, eps, [add, mean, square]
 
 
+def _same_value(a, b) -> bool:
+    """a is b, or both are the same cast of the same tensor (x.float() written twice)."""
+    return a is b or (is_cast(a) and is_cast(b) and a.args[0] is b.args[0] and dtype(a) == dtype(b))
+
+
 def match_rms_norm(rsqrt_node) -> Optional[NormMatch]:
     stats = _statistics(rsqrt_node)
     if stats is None:
         return None
     h, eps, nodes = stats
     normed = only_user(rsqrt_node)
-    if kind(normed) != "mul" or binary_operands(normed) is None or other_operand(normed, rsqrt_node) is not h:
+    if kind(normed) != "mul" or binary_operands(normed) is None or not _same_value(other_operand(normed, rsqrt_node), h):
         raise Miss("rsqrt does not multiply the same tensor whose square was averaged")
+    nodes.append(other_operand(normed, rsqrt_node))
     x = h.args[0] if is_cast(h) else h
     x_dtype = dtype(x)
     if dtype(h) != torch.float32:

@@ -1,0 +1,216 @@
+"""Each pattern on small functions traced by Dynamo (CPU): the variants it must accept (HF 4.4x and
+5.x spellings), the near-misses it must name, and the weight store and options it relies on."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_err
+from fusedops.backend.report import Report
+from fusedops.backend.rewrite import RewriteOptions, rewrite_graph
+from fusedops.backend.weights import WeightStore
+
+
+def rewritten(fn, *args, options=None):
+    results = []
+
+    def backend(gm, example_inputs):
+        results.append(rewrite_graph(gm, example_inputs, options or RewriteOptions()))
+        return results[-1].gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return out, results[0].report
+
+
+def reasons(report: Report, pattern: str) -> str:
+    return " | ".join(m.reason for m in report.near_misses if m.pattern == pattern)
+
+
+def hf_rms_norm(x, weight, eps=1e-6):  # LlamaRMSNorm.forward
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(x.dtype)
+
+
+def other_spelling_rms_norm(x, weight):
+    h = x.float()
+    h = torch.rsqrt(1e-5 + torch.mean(h * h, dim=-1, keepdim=True)) * h
+    return h.type_as(x) * weight
+
+
+def randn(*shape, dtype=torch.bfloat16, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("fn, eps", [(hf_rms_norm, 1e-6), (other_spelling_rms_norm, 1e-5)])
+def test_rms_norm_spellings_match_with_their_eps(fn, eps):
+    x, w = randn(3, 5, 64), randn(64, seed=1)
+    out, report = rewritten(fn, x, w)
+    assert report.matches["rms_norm"] == 1 and f"eps={eps:g}" in report.replacements[0]
+    assert torch.equal(out, fn(x, w))
+
+
+def test_rms_norm_near_misses_name_the_reason():
+    x = randn(4, 64)
+    _, report = rewritten(lambda x, w: w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True)
+                                                                       + 1e-6)), x, randn(64).float())
+    assert report.matches["rms_norm"] == 0 and "no cast back to the input dtype" in reasons(report, "rms_norm")
+    _, report = rewritten(hf_rms_norm, x, randn(64).float())
+    assert report.matches["rms_norm"] == 0 and "weight" in reasons(report, "rms_norm")
+
+
+def test_add_rms_norm_returns_h_to_the_adds_other_users():
+    def layer(x, residual, w):
+        h = residual + x
+        return hf_rms_norm(h, w), h * 2
+    args = randn(2, 3, 64), randn(2, 3, 64, seed=1), randn(64, seed=2)
+    (y, h2), report = rewritten(layer, *args)
+    assert report.matches["add_rms_norm"] == 1 and report.ops_after["add"] == 0
+    ey, eh2 = layer(*args)
+    assert torch.equal(y, ey) and torch.equal(h2, eh2)
+
+
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):  # HF apply_rotary_pos_emb, unsqueeze_dim=1
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def test_rope_matches_q_and_k_together():
+    q, k = randn(2, 8, 5, 64), randn(2, 2, 5, 64, seed=1)
+    cos, sin = randn(1, 5, 64, seed=2), randn(1, 5, 64, seed=3)
+    (qo, ko), report = rewritten(apply_rope, q, k, cos, sin)
+    assert report.matches["rope"] == 1 and report.ops_after["cat"] == 0 and report.ops_after["neg"] == 0
+    eq, ek = apply_rope(q, k, cos, sin)
+    assert torch.equal(qo, eq) and torch.equal(ko, ek)
+
+
+def test_rope_near_misses():
+    q, k, cos, sin = randn(1, 4, 5, 64), randn(1, 4, 5, 64), randn(1, 5, 64), randn(1, 5, 64)
+    _, report = rewritten(apply_rope, q, k, cos.float(), sin.float())
+    assert report.matches["rope"] == 0 and "cos dtype torch.float32 differs" in reasons(report, "rope")
+    _, report = rewritten(lambda q, c, s: q * c.unsqueeze(1) + rotate_half(q) * s.unsqueeze(1), q, cos, sin)
+    assert report.matches["rope"] == 0 and "one tensor only" in reasons(report, "rope")
+
+
+def repeat_kv(x, n_rep):  # HF repeat_kv
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def sdpa_with_repeat(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask, scale=0.1)
+
+
+def eager_attention(q, k, v, bool_mask):  # HF eager_attention_forward with masking_utils' float mask
+    mask = torch.where(bool_mask, torch.zeros((), dtype=q.dtype), torch.finfo(q.dtype).min)
+    k, v = repeat_kv(k, 4), repeat_kv(v, 4)
+    w = torch.matmul(q, k.transpose(2, 3)) * 0.125
+    w = F.softmax(w + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    w = F.dropout(w, p=0.0, training=False)
+    return torch.matmul(w, v)
+
+
+def _attention_inputs(dtype=torch.float32):
+    q, k, v = randn(2, 8, 6, 64, dtype=dtype), randn(2, 2, 10, 64, dtype=dtype, seed=1), \
+        randn(2, 2, 10, 64, dtype=dtype, seed=2)
+    mask = torch.arange(10).view(1, 1, 1, 10) <= torch.arange(6).view(1, 1, 6, 1) + 4
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("fn", [sdpa_with_repeat, eager_attention])
+def test_attention_takes_kv_from_before_repeat_kv(fn):
+    q, k, v, mask = _attention_inputs()
+    out, report = rewritten(fn, q, k, v, mask)
+    assert report.matches["attention"] == 1
+    assert report.ops_after["expand"] == 0 and report.ops_after["softmax"] == 0
+    assert "over kv [2, 2, 10, 64]" in report.replacements[0]
+    assert rel_err(out, fn(q.double(), k.double(), v.double(), mask)) <= 1e-5
+
+
+def test_attention_near_misses():
+    q, k, v, mask = _attention_inputs()
+    float_mask = torch.zeros(mask.shape).masked_fill(~mask, -1e9)
+    _, report = rewritten(sdpa_with_repeat, q, k, v, float_mask)
+    assert report.matches["attention"] == 0 and "float32 attn_mask" in reasons(report, "attention")
+
+    def eager_with_float_mask(q, k, v, m):
+        w = torch.softmax(torch.matmul(q, repeat_kv(k, 4).transpose(2, 3)) * 0.125 + m, dim=-1)
+        return torch.matmul(w, repeat_kv(v, 4))
+    _, report = rewritten(eager_with_float_mask, q, k, v, float_mask)
+    assert report.matches["attention"] == 0 and "additive float mask" in reasons(report, "attention")
+
+
+class GeluMlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = (torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(32, 64, bias=False),
+                                         torch.nn.Linear(64, 32, bias=False))
+
+    def forward(self, x, act=F.gelu):
+        return self.down(act(self.gate(x)) * self.up(x))
+
+
+def test_swiglu_matches_and_gelu_is_a_near_miss():
+    x = randn(3, 32, dtype=torch.float32)
+    mlp = GeluMlp().eval()
+    with torch.no_grad():
+        expected = mlp(x, F.silu)
+    out, report = rewritten(lambda x: mlp(x, F.silu), x)
+    assert report.matches["gate_up_silu"] == 1 and report.ops_after["silu"] == 0
+    assert rel_err(out, expected) <= 1e-6
+    _, report = rewritten(mlp, x)
+    assert report.matches["gate_up_silu"] == 0 and "is not silu" in reasons(report, "gate_up_silu")
+
+
+def test_options_errors_name_the_argument():
+    with pytest.raises(ValueError, match="fusions"):
+        RewriteOptions(fusions={"rms_norm", "flash"})
+    with pytest.raises(ValueError, match="weight_mode"):
+        RewriteOptions(weight_mode="share")
+    with pytest.raises(ValueError, match="gate_up_block"):
+        RewriteOptions(gate_up_block=0)
+
+
+def test_weight_store_alias_is_memory_neutral_and_cached():
+    store = WeightStore()
+    q, k, v = (torch.nn.Parameter(randn(n, 16, dtype=torch.float32, seed=n)) for n in (8, 4, 4))
+    originals = [t.detach().clone() for t in (q, k, v)]
+    with torch.no_grad():
+        stacked, info = store.rows("qkv", [q, k, v], "alias")
+        again, info2 = store.rows("qkv", [q, k, v], "alias")
+    assert info.aliased and info.extra_bytes == 0 and info2.cached
+    assert again.data_ptr() == stacked.data_ptr() == q.data_ptr()
+    assert all(torch.equal(t, o) for t, o in zip((q, k, v), originals))
+    assert torch.equal(stacked, torch.cat(originals))
+    store_fresh = WeightStore()  # a new store finds the back-to-back layout and makes no copy
+    _, info3 = store_fresh.rows("qkv", [q, k, v], "alias")
+    assert info3.cached and info3.extra_bytes == 0
+
+
+def test_weight_store_copies_when_aliasing_is_unsafe():
+    store = WeightStore()
+    g, u = (torch.nn.Parameter(randn(8, 4, dtype=torch.float32, seed=s)) for s in (1, 2))
+    with torch.no_grad():
+        w, info = store.gate_up(g, u, 4, "alias")  # block < I: rows interleave, no view possible
+    assert not info.aliased and info.extra_bytes == 16 * 4 * 4
+    assert torch.equal(w[:4], g[:4]) and torch.equal(w[4:8], u[:4])
+    with torch.enable_grad():
+        _, info = WeightStore().rows("qkv", [g, u], "alias")  # params require grad, grad mode on
+    assert not info.aliased and g.untyped_storage().nbytes() == g.numel() * 4
+
+
+def test_fusedops_log_prints_the_report(monkeypatch, capsys):
+    monkeypatch.setenv("FUSEDOPS_LOG", "1")
+    rewritten(hf_rms_norm, randn(2, 64), randn(64))
+    err = capsys.readouterr().err
+    assert "fusedops rewrite: rms_norm x1" in err and "replaced  rms_norm" in err
