@@ -260,3 +260,110 @@ def test_cuda_capture_replay_matches_eager_with_mutation():
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(cache, ref_cache, rtol=0, atol=0)
     assert len(runner.graphs) == 1 and runner.graphs[None].replays == 19
+
+
+@pytest.mark.gpu
+def test_cuda_moved_cache_recaptures():
+    w = torch.nn.Parameter(torch.randn(10, 64, device="cuda"), requires_grad=False)
+    gm = trace(decode_step)
+    example = [torch.tensor([1], device="cuda"), torch.zeros(8, 64, device="cuda"),
+               torch.tensor([0], device="cuda"), w]
+    runner = GraphRunner(gm.forward, gm, example, parse_options(mode="reduce-overhead"))
+    caches = [torch.zeros(8, 64, device="cuda") for _ in range(2)]
+    refs = [torch.zeros(8, 64, device="cuda") for _ in range(2)]
+    for step in range(8):
+        which = step // 4
+        ids, pos = torch.tensor([step], device="cuda"), torch.tensor([step % 4], device="cuda")
+        out, _ = runner(ids, caches[which], pos, w)
+        ref, _ = decode_step(ids, refs[which], pos, w)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(caches, refs):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(runner.graphs) == 1 and not runner.eager_only
+
+
+def cuda_llama(dtype, layers=2, seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=503,
+                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                   pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", dtype).eval()
+    return model, cfg
+
+
+def spy_backend(runners):
+    from fusedops.backend import fusedops_backend
+
+    def backend(gm, example_inputs, mode=None, options=None):
+        fn = fusedops_backend(gm, example_inputs, mode=mode, options=options)
+        runners.append(fn)
+        return fn
+    return backend
+
+
+def decode_logits(model, cfg, compiled, ids, steps):
+    """Prefill eagerly into a StaticCache, then `steps` greedy decode steps through `compiled`;
+    returns the logits of every step and the cache."""
+    transformers = pytest.importorskip("transformers")
+    cache = transformers.StaticCache(config=cfg, max_cache_len=64)
+    n = ids.shape[1]
+    out = model(ids, past_key_values=cache, cache_position=torch.arange(n, device="cuda"), use_cache=True)
+    token, logits = out.logits[:, -1:].argmax(-1), []
+    for step in range(steps):
+        pos = torch.tensor([n + step], device="cuda")
+        step_logits = compiled(token, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        logits.append(step_logits.clone())
+        token = step_logits[:, -1:].argmax(-1)
+    return torch.cat(logits, 1), cache
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["reduce-overhead", None])
+def test_hf_decode_under_cuda_graphs_matches_eager_fp32(mode):
+    model, cfg = cuda_llama(torch.float32)
+    ids = torch.randint(3, 503, (2, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    runners = []
+    compiled = torch.compile(model, backend=spy_backend(runners), mode=mode)
+    with torch.no_grad():
+        want, want_cache = decode_logits(model, cfg, model, ids, steps=12)
+        got, got_cache = decode_logits(model, cfg, compiled, ids, steps=12)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err <= 1e-4, err
+    for a, b in zip(got_cache.layers, want_cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+    graphs = [r for r in runners if isinstance(r, GraphRunner)]
+    assert graphs and sum(len(r.graphs) for r in graphs) >= 1
+    assert max(c.replays for r in graphs for c in r.graphs.values()) >= 10
+
+
+@pytest.mark.gpu
+def test_hf_generate_tokens_identical_fp32_on_cuda():
+    transformers = pytest.importorskip("transformers")
+    model, _ = cuda_llama(torch.float32)
+    ids = torch.randint(3, 503, (1, 11), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    kwargs = dict(max_new_tokens=24, do_sample=False, cache_implementation="static")
+    want = model.generate(ids, **kwargs)
+    config = transformers.CompileConfig(backend="fusedops")
+    for _ in range(2):   # the second call gets a new StaticCache: its graph is recaptured
+        assert torch.equal(model.generate(ids, compile_config=config, **kwargs), want)
+    model.generation_config.compile_config = transformers.CompileConfig(
+        backend="fusedops", mode=None, options={"buckets": [1, 2, 4, 8]})
+    assert torch.equal(model.generate(ids, **kwargs), want)
+
+
+@pytest.mark.gpu
+def test_hf_bf16_error_vs_fp32_reference_no_worse_than_eager():
+    model, cfg = cuda_llama(torch.float32, layers=4)
+    ids = torch.randint(3, 503, (2, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    with torch.no_grad():
+        reference = model(ids).logits
+        model.to(torch.bfloat16)
+        eager = model(ids).logits
+        fused = torch.compile(model, backend="fusedops", mode="reduce-overhead")
+        for _ in range(3):    # warm-up, capture, replay
+            got = fused(ids).logits
+    eager_err = ((eager.float() - reference).norm() / reference.norm()).item()
+    fused_err = ((got.float() - reference).norm() / reference.norm()).item()
+    assert fused_err <= 2 * eager_err, (fused_err, eager_err)   # STYLE.md rule 13

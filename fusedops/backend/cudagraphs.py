@@ -46,6 +46,9 @@ VIEW_FUNCTIONS = frozenset({
     torch.unsqueeze, torch.squeeze, torch.flatten, torch.split, torch.chunk, torch.unbind,
     torch.as_strided, torch.detach, torch.diagonal, torch.movedim, torch.swapaxes, torch.t})
 _pools: dict[int, Any] = {}
+# The C++ pointer check Inductor's cudagraph trees use (CUDA builds only): ≈ 10x cheaper per input
+# than a Python loop over Tensor.data_ptr(), which matters with ~300 parameters per call.
+_ptrs_equal_at = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
 def shared_pool(device_index: int):
@@ -117,7 +120,8 @@ def cuda_graph_blocker(example_inputs, needs_grad: bool) -> str | None:
 class Captured:
     graph: torch.cuda.CUDAGraph
     static_inputs: list[torch.Tensor]      # buffers of the dynamic inputs, in dynamic order
-    stable_ptrs: list[int]
+    stable_ptrs: list[int]                 # in stable_idx order
+    input_ptrs: list[int | None]           # per input position (None: copied input), for the C++ check
     outputs: Any                           # what fn returned during capture (static tensors)
     output_aliases: dict[int, int]         # output position -> input position it is
     replays: int = 0
@@ -168,6 +172,11 @@ class GraphRunner:
             return [t.data_ptr() for t in self._stable(args)]
         return [args[i].data_ptr() for i in self.stable_idx]
 
+    def _stable_unchanged(self, args, cap: Captured) -> bool:
+        if _ptrs_equal_at is not None:
+            return _ptrs_equal_at(list(args), cap.input_ptrs, self.stable_idx)
+        return self.stable_ptrs(args) == cap.stable_ptrs
+
     def signature(self, args):
         return tuple(tuple(args[i].shape) if isinstance(args[i], torch.Tensor) else args[i]
                      for i in self.keyed_idx)
@@ -176,7 +185,7 @@ class GraphRunner:
         key = self.signature(args) if self.keyed_idx else None
         cap = self.graphs.get(key)
         if cap is not None:
-            if self.stable_ptrs(args) == cap.stable_ptrs:
+            if self._stable_unchanged(args, cap):
                 return self._replay(key, cap, args)
             self._invalidate(key, cap, args)
         return self._run_or_capture(key, args)
@@ -192,6 +201,8 @@ class GraphRunner:
 
     def _outputs(self, cap: Captured, args):
         outs = cap.outputs
+        if not cap.output_aliases and not self.options.clone_outputs:
+            return outs
         single = not isinstance(outs, (tuple, list))
         items = [outs] if single else list(outs)
         for pos, src in cap.output_aliases.items():
@@ -261,7 +272,11 @@ class GraphRunner:
         items = outputs if isinstance(outputs, (tuple, list)) else [outputs]
         by_id = {id(a): i for i, a in enumerate(call_args) if isinstance(a, torch.Tensor)}
         aliases = {pos: by_id[id(o)] for pos, o in enumerate(items) if id(o) in by_id}
-        return Captured(graph, static_inputs, self.stable_ptrs(args), outputs, aliases)
+        stable_ptrs = self.stable_ptrs(args)
+        input_ptrs: list[int | None] = [None] * len(args)
+        for i, ptr in zip(self.stable_idx, stable_ptrs):
+            input_ptrs[i] = ptr
+        return Captured(graph, static_inputs, stable_ptrs, input_ptrs, outputs, aliases)
 
     def _record(self, call_args):
         """Capture fn(*call_args) (nothing executes) into a graph; returns (graph, static outputs)."""
