@@ -72,23 +72,6 @@ __device__ __forceinline__ void gemm_qk(float (&s)[Tr::kMTiles][Tr::kNTiles][4],
     }
 }
 
-// P as mma A fragments, straight from the S accumulators (the C layout of two n8 tiles is the A
-// layout of one k16 step), rounded to T.
-template <class Tr>
-__device__ __forceinline__ void pack_p(uint32_t (&pa)[Tr::kMTiles][Tr::kBlockN / 16][4],
-                                       const float (&p)[Tr::kMTiles][Tr::kNTiles][4]) {
-    using T = typename Tr::T;
-#pragma unroll
-    for (int mi = 0; mi < Tr::kMTiles; ++mi)
-#pragma unroll
-        for (int kk = 0; kk < Tr::kBlockN / 16; ++kk) {
-            pa[mi][kk][0] = pack2<T>(p[mi][2 * kk][0], p[mi][2 * kk][1]);
-            pa[mi][kk][1] = pack2<T>(p[mi][2 * kk][2], p[mi][2 * kk][3]);
-            pa[mi][kk][2] = pack2<T>(p[mi][2 * kk + 1][0], p[mi][2 * kk + 1][1]);
-            pa[mi][kk][3] = pack2<T>(p[mi][2 * kk + 1][2], p[mi][2 * kk + 1][3]);
-        }
-}
-
 // o[mi][di] += P V[tile].
 template <class Tr>
 __device__ __forceinline__ void gemm_pv(float (&o)[Tr::kMTiles][Tr::kDTiles][4],
@@ -231,9 +214,8 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
                         }
                 }
         }
-        softmax.update(s, o, p.scale_log2);
         uint32_t pa[kMTiles][Tr::kBlockN / 16][4];
-        pack_p<Tr>(pa, s);
+        softmax.template update<T>(s, o, pa, p.scale_log2);
 
         cp_async_wait<2>();  // this stage's V landed (the next stage's K and V may fly)
         __syncthreads();

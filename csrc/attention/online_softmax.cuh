@@ -33,9 +33,12 @@ struct OnlineSoftmax {
             }
     }
 
-    // s becomes p = exp2(s * scale_log2 - max * scale_log2); o is rescaled for the new maxima.
-    __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&o)[kMTiles][kDTiles][4],
-                                           float scale_log2) {
+    // p = exp2(s * scale_log2 - max * scale_log2), written straight into mma A fragments of type T
+    // (the C layout of n8 tiles 2kk, 2kk+1 is the A layout of k16 step kk) so s dies early; o is
+    // rescaled for the new maxima.
+    template <typename T>
+    __device__ __forceinline__ void update(const float (&s)[kMTiles][kNTiles][4], float (&o)[kMTiles][kDTiles][4],
+                                           uint32_t (&pa)[kMTiles][kNTiles / 2][4], float scale_log2) {
 #pragma unroll
         for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
@@ -51,13 +54,12 @@ struct OnlineSoftmax {
                 row_max[mi][h] = mx;
                 float sum = 0.f;
 #pragma unroll
-                for (int ni = 0; ni < kNTiles; ++ni)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = fast_exp2(fmaf(s[mi][ni][2 * h + e], scale_log2, -max_scaled));
-                        s[mi][ni][2 * h + e] = p;
-                        sum += p;
-                    }
+                for (int ni = 0; ni < kNTiles; ++ni) {
+                    const float p0 = fast_exp2(fmaf(s[mi][ni][2 * h], scale_log2, -max_scaled));
+                    const float p1 = fast_exp2(fmaf(s[mi][ni][2 * h + 1], scale_log2, -max_scaled));
+                    pa[mi][ni / 2][(ni % 2) * 2 + h] = pack2<T>(p0, p1);
+                    sum += p0 + p1;
+                }
                 row_sum[mi][h] = fmaf(row_sum[mi][h], correction, sum);
                 if (correction != 1.f) {  // the max rarely moves once a row has seen a few tiles
 #pragma unroll
