@@ -181,9 +181,9 @@ def test_liger_patches_are_undone(monkeypatch, tiny):
 def test_report_tables_ratios_and_plot(tmp_path):
     eager = measure.BackendResult("eager", rel_err=0.01, agreement=1.0,
                                   decode=[dict(batch=1, tok_s=100.0, step_ms=10.0, p50_ms=10.0, p99_ms=11.0,
-                                               roofline_pct=50.0)],
+                                               roofline_pct=50.0, first_call_s=0.1)],
                                   prefill=[dict(tokens=512, tok_s=1000.0, ms=512.0, tflops=1.0,
-                                                gemm_peak_pct=1.0)])
+                                                gemm_peak_pct=1.0, first_call_s=0.2)])
     fast = measure.BackendResult("inductor-ro", rel_err=0.012, agreement=1.0,
                                  decode=[dict(eager.decode[0], tok_s=250.0)])
     broken = measure.BackendResult("fusedops", status="error", note="parity: ValueError: x")

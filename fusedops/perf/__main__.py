@@ -114,14 +114,18 @@ def main(argv=None) -> int:
         "No CUDA GPU here: parity was checked through the CPU reference path; speed numbers need a GPU.")
     info = header(args, name, facts, device, ceil, workload_name)
     stem = args.out / f"e2e_{name}_{facts['layers']}L_{workload_name}"
-    results = []
+    results, lost = [], None
     for n in names:
-        if args.budget_s is not None and progress.elapsed() > args.budget_s:
+        if lost:
+            results.append(measure.BackendResult(n, "skipped", lost))
+        elif args.budget_s is not None and progress.elapsed() > args.budget_s:
             results.append(measure.BackendResult(n, "skipped", f"time budget of {args.budget_s:g} s spent"))
         else:
             gate = measure.parity_gate(results[0] if results else None)
             results.append(measure.run_backend(BACKENDS[n], model, pool, ref, workload, gate, facts, ceil,
                                                progress, args.seed, speed=device.type == "cuda"))
+            fault = measure.cuda_context_lost(device) if results[-1].status == "error" else None
+            lost = None if fault is None else f"CUDA context lost after {n}: {fault}"
         text, plotted = write(results, info, speed_note, stem)   # partial results survive a kill
     print("\n" + text)
     print(f"wrote {stem}.md" + (f" and {stem}.png" if plotted is None else f"; plot skipped: {plotted}"))

@@ -85,7 +85,8 @@ class CachePool:
             # Allocate the cache tensors eagerly now, never inside a compiled region.
             device = next(model.parameters()).device
             ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
-            forward(model, ids, cache, torch.arange(1, device=device))
+            with torch.no_grad():
+                forward(model, ids, cache, torch.arange(1, device=device))
             self.caches[key] = cache
         self.caches[key].reset()
         return self.caches[key]
@@ -162,9 +163,9 @@ def reference(model, pool, workload: Workload, seed: int) -> Reference:
     """fp32 greedy run of the model (called before its weights are cast)."""
     device = next(model.parameters()).device
     prompt = random_tokens((1, workload.parity_prompt), model.config.vocab_size, device, seed)
-    cache = pool.get(model, 1, CACHE_LEN)
     tokens, logits = [], []
     with torch.no_grad():
+        cache = pool.get(model, 1, CACHE_LEN)
         out = forward(model, prompt, cache, torch.arange(prompt.shape[1], device=device))
         for i in range(workload.parity_steps):
             logits.append(out.float().cpu())
@@ -196,10 +197,10 @@ def parity_gate(eager: BackendResult | None) -> float | None:
 # ---- speed ----------------------------------------------------------------------------------------
 
 def decode_speed(runner: Runner, model, pool, batch: int, steps: int, facts: dict, bandwidth_gbs: float,
-                 seed: int) -> tuple[dict, float]:
+                 seed: int) -> dict:
     """Greedy decode at `batch` sequences after a DECODE_CONTEXT-token eager prefill; per-step times
-    from CUDA events between steps (so CPU-bound gaps count, as they do for a user).
-    Returns the row and the seconds of the first (compiling) call."""
+    from CUDA events between steps (so CPU-bound gaps count, as they do for a user). The row keeps
+    the seconds of the first call too: a compile for each new batch size."""
     device = next(model.parameters()).device
     cache = pool.get(model, batch, CACHE_LEN)
     context = random_tokens((batch, DECODE_CONTEXT), model.config.vocab_size, device, seed + batch)
@@ -223,14 +224,13 @@ def decode_speed(runner: Runner, model, pool, batch: int, steps: int, facts: dic
     elem = model.dtype.itemsize
     kv_bytes = 2 * facts["layers"] * batch * facts["kv_heads"] * context * facts["head_dim"] * elem
     roofline_ms = (facts["streamed_params"] * elem + kv_bytes) / (bandwidth_gbs * 1e9) * 1e3
-    row = dict(batch=batch, tok_s=batch * 1e3 / mean_ms, step_ms=mean_ms,
-               p50_ms=statistics.median(step_ms), p99_ms=_percentile(step_ms, 0.99),
-               roofline_pct=100.0 * roofline_ms / mean_ms)
-    return row, first_s
+    return dict(batch=batch, tok_s=batch * 1e3 / mean_ms, step_ms=mean_ms,
+                p50_ms=statistics.median(step_ms), p99_ms=_percentile(step_ms, 0.99),
+                roofline_pct=100.0 * roofline_ms / mean_ms, first_call_s=first_s)
 
 
 def prefill_speed(runner: Runner, model, pool, tokens: int, reps: int, facts: dict,
-                  gemm_tflops: float, seed: int) -> tuple[dict, float]:
+                  gemm_tflops: float, seed: int) -> dict:
     """Batch-1 prefill of `tokens` tokens into a StaticCache: median of `reps` CUDA-event timings."""
     device = next(model.parameters()).device
     cache = pool.get(model, 1, max(CACHE_LEN, tokens))
@@ -253,7 +253,7 @@ def prefill_speed(runner: Runner, model, pool, tokens: int, reps: int, facts: di
              + 2 * facts["layers"] * facts["q_heads"] * facts["head_dim"] * tokens * tokens)
     tflops = flops / us / 1e6
     return dict(tokens=tokens, tok_s=tokens / us * 1e6, ms=us / 1e3, tflops=tflops,
-                gemm_peak_pct=100.0 * tflops / gemm_tflops), first_s
+                gemm_peak_pct=100.0 * tflops / gemm_tflops, first_call_s=first_s)
 
 
 class StepClock:
@@ -321,15 +321,13 @@ def run_backend(spec: BackendSpec, model, pool: CachePool, ref: Reference, workl
             for batch in workload.decode_batches:
                 stage = f"decode batch {batch}"
                 progress(f"{spec.name}: {stage}, {workload.decode_steps} timed steps")
-                row, _ = decode_speed(runner, model, pool, batch, workload.decode_steps, facts,
-                                      ceilings["copy_gbs"], seed)
-                result.decode.append(row)
+                result.decode.append(decode_speed(runner, model, pool, batch, workload.decode_steps,
+                                                  facts, ceilings["copy_gbs"], seed))
             for tokens in workload.prefill_lengths:
                 stage = f"prefill {tokens} tokens"
                 progress(f"{spec.name}: {stage}")
-                row, _ = prefill_speed(runner, model, pool, tokens, workload.prefill_reps, facts,
-                                       ceilings["gemm_tflops"], seed)
-                result.prefill.append(row)
+                result.prefill.append(prefill_speed(runner, model, pool, tokens, workload.prefill_reps,
+                                                    facts, ceilings["gemm_tflops"], seed))
             if device.type == "cuda":
                 result.peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
             if runner.recompile is not None:
@@ -347,6 +345,18 @@ def run_backend(spec: BackendSpec, model, pool: CachePool, ref: Reference, workl
         result.note = f"{stage}: {type(exc).__name__}: {_first_line(exc)}"
         progress(f"{spec.name}: ERROR in {result.note}")
     return result
+
+
+def cuda_context_lost(device) -> str | None:
+    """After a backend's error: a CUDA fault (illegal address, ...) poisons the context for everyone
+    after it, so the suite stops measuring rather than blaming the next backend."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError as exc:    # torch.AcceleratorError derives from RuntimeError
+        return _first_line(exc)
+    return None
 
 
 def _first_line(exc: Exception, limit: int = 240) -> str:

@@ -48,6 +48,7 @@ def decode_rows(results: list[BackendResult]) -> list[dict]:
             rows.append({"backend": r.name, "batch": d["batch"], "tok/s": _num(d["tok_s"]),
                          "step ms": _num(d["step_ms"], 2), "p50 ms": _num(d["p50_ms"], 2),
                          "p99 ms": _num(d["p99_ms"], 2), "roofline %": _num(d["roofline_pct"]),
+                         "first call s": _num(d["first_call_s"]),
                          "vs eager": _ratio(d["tok_s"], by_name.get("eager"), "tok_s", "batch", d["batch"]),
                          "vs inductor-ro": _ratio(d["tok_s"], by_name.get("inductor-ro"), "tok_s", "batch",
                                                   d["batch"])})
@@ -61,7 +62,7 @@ def prefill_rows(results: list[BackendResult]) -> list[dict]:
         for p in r.prefill:
             rows.append({"backend": r.name, "tokens": p["tokens"], "tok/s": _num(p["tok_s"], 0),
                          "ms": _num(p["ms"], 2), "TFLOP/s": _num(p["tflops"]),
-                         "% of GEMM peak": _num(p["gemm_peak_pct"]),
+                         "% of GEMM peak": _num(p["gemm_peak_pct"]), "first call s": _num(p["first_call_s"]),
                          "vs eager": _ratio(p["tok_s"], by_name.get("eager"), "tok_s", "tokens", p["tokens"]),
                          "vs inductor": _ratio(p["tok_s"], by_name.get("inductor"), "tok_s", "tokens",
                                                p["tokens"]),
