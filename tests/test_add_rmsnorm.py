@@ -101,3 +101,8 @@ def test_sanitizer_small_cases():
     for dtype in DTYPES:
         for rows, hidden, strided in ((3, 64, False), (2, 40, True), (2, 37, False), (1, 70016, False)):
             run_case(dtype, rows, hidden, strided, 0)
+
+
+def test_kernel_plan_takes_the_vector_path_for_contiguous_rows():
+    x, r, y, h = (torch.empty(16, 4096, dtype=torch.bfloat16) for _ in range(4))
+    assert add_rmsnorm.kernel_plan(x, r, torch.empty(4096, dtype=torch.bfloat16), y, h) == ("add_rmsnorm_bf16_c1", 512)

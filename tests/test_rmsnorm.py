@@ -137,3 +137,21 @@ def test_sanitizer_small_cases():
         for rows, hidden, strided in ((3, 64, False), (2, 40, True), (2, 37, False), (1, 9000, False),
                                       (1, 70016, False)):
             run_case(dtype, rows, hidden, strided, 0)
+
+
+@pytest.mark.parametrize("dtype, rows, hidden, row_stride, expect", [
+    (torch.bfloat16, 4, 4096, 4096, ("c1", 512)),
+    (torch.bfloat16, 4, 8192, 8192, ("c2", 512)),
+    (torch.bfloat16, 1, 4096, 4096, ("c1", 512)),
+    (torch.float32, 4, 4096, 4096, ("c2", 512)),
+    (torch.bfloat16, 4, 4096, 4104, ("c1", 512)),   # strided rows, still whole vectors
+    (torch.bfloat16, 4, 4096, 4100, ("s1", 1024)),  # rows not 16-byte aligned
+    (torch.bfloat16, 4, 4097, 4097, ("s1", 1024)),  # odd hidden size
+    (torch.bfloat16, 2, 70016, 70016, ("sv", 1024)),
+])
+def test_kernel_plan_takes_the_vector_path_when_it_can(dtype, rows, hidden, row_stride, expect):
+    """The 16-byte kernels must be chosen for ordinary contiguous rows (a 1-D weight's stride of 1 once
+    sent every call to the scalar kernel at a third of the bandwidth)."""
+    x = torch.empty(rows, row_stride, dtype=dtype)[:, :hidden]
+    name, threads = rmsnorm.kernel_plan(x, torch.empty(hidden, dtype=dtype), torch.empty(rows, hidden, dtype=dtype))
+    assert (name.rsplit("_", 1)[1], threads) == expect

@@ -97,3 +97,12 @@ def test_sanitizer_small_cases():
     for dtype in DTYPES:
         for rows, cols in ((3, 64), (2, 37), (1, 5), (2, 1)):
             run_case(dtype, rows, cols, 0)
+
+
+def test_vector_path_for_contiguous_and_single_odd_rows():
+    t = torch.empty(2, 14336, dtype=torch.bfloat16)
+    assert silu_mul.vector_ok(t, t, t)
+    one = torch.empty(1, 1001, dtype=torch.bfloat16)  # one row: the odd length is the kernel's scalar tail
+    assert silu_mul.vector_ok(one, one, one)
+    odd = torch.empty(3, 1001, dtype=torch.bfloat16)
+    assert not silu_mul.vector_ok(odd, odd, odd)

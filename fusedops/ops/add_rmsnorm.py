@@ -36,16 +36,21 @@ def _validate(x, residual, weight, eps):
         raise ValueError(f"residual: shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
 
 
+def kernel_plan(x2, r2, weight, y2, h2, items: int | None = None) -> tuple[str, int]:
+    """(kernel name, threads per CTA) for these tensors."""
+    vec = 16 // x2.element_size()
+    ok = vector_friendly(x2.shape[1], vec, (x2, r2, y2, h2), weight)
+    variant, threads = row_variant(x2.shape[1], vec, ok, items)
+    return f"add_rmsnorm_{DTYPE_SUFFIX[x2.dtype]}_{variant}", threads
+
+
 def launch(x2, r2, weight, y2, h2, eps, items: int | None = None) -> None:
     rows, hidden = x2.shape
-    vec = 16 // x2.element_size()
-    ok = vector_friendly(hidden, vec, x2, r2, y2, h2, weight)
-    variant, threads = row_variant(hidden, vec, ok, items)
+    name, threads = kernel_plan(x2, r2, weight, y2, h2, items)
     params = AddRmsNormParams(y2.data_ptr(), h2.data_ptr(), x2.data_ptr(), r2.data_ptr(),
                               weight.data_ptr(), rows, hidden, x2.stride(0), r2.stride(0),
                               y2.stride(0), float(eps))
-    k = kernel(SOURCE, f"add_rmsnorm_{DTYPE_SUFFIX[x2.dtype]}_{variant}", AddRmsNormParams, x2.device)
-    k.launch((rows,), (threads,), params)
+    kernel(SOURCE, name, AddRmsNormParams, x2.device).launch((rows,), (threads,), params)
 
 
 @torch.library.custom_op("fusedops::add_rms_norm", mutates_args=(), device_types="cpu")

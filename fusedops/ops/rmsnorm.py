@@ -58,19 +58,28 @@ def row_variant(hidden: int, vec: int, vector_ok: bool, items: int | None = None
     return ("sv" if vector_ok else "s1"), min(1024, (nvec + 31) // 32 * 32)
 
 
-def vector_friendly(hidden: int, vec: int, *rows: torch.Tensor) -> bool:
-    return hidden % vec == 0 and all(t.stride(0) % vec == 0 for t in rows) and aligned16(*rows)
+def vector_friendly(hidden: int, vec: int, rows: tuple[torch.Tensor, ...], weight: torch.Tensor) -> bool:
+    """16-byte vectors fit: the hidden size and every row stride are whole vectors, every pointer is
+    16-byte aligned. (The weight is one contiguous row: only its alignment matters.)"""
+    return (hidden % vec == 0 and all(t.stride(0) % vec == 0 for t in rows if t.shape[0] > 1)
+            and aligned16(*rows, weight))
+
+
+def kernel_plan(x2: torch.Tensor, weight: torch.Tensor, out2: torch.Tensor,
+                items: int | None = None) -> tuple[str, int]:
+    """(kernel name, threads per CTA) for these tensors."""
+    vec = 16 // x2.element_size()
+    variant, threads = row_variant(x2.shape[1], vec, vector_friendly(x2.shape[1], vec, (x2, out2), weight), items)
+    return f"rmsnorm_{DTYPE_SUFFIX[x2.dtype]}_{variant}", threads
 
 
 def launch(x2: torch.Tensor, weight: torch.Tensor, out2: torch.Tensor, eps: float,
            items: int | None = None) -> None:
     rows, hidden = x2.shape
-    vec = 16 // x2.element_size()
-    variant, threads = row_variant(hidden, vec, vector_friendly(hidden, vec, x2, out2, weight), items)
+    name, threads = kernel_plan(x2, weight, out2, items)
     params = RmsNormParams(out2.data_ptr(), x2.data_ptr(), weight.data_ptr(), rows, hidden,
                            x2.stride(0), out2.stride(0), float(eps))
-    k = kernel(SOURCE, f"rmsnorm_{DTYPE_SUFFIX[x2.dtype]}_{variant}", RmsNormParams, x2.device)
-    k.launch((rows,), (threads,), params)
+    kernel(SOURCE, name, RmsNormParams, x2.device).launch((rows,), (threads,), params)
 
 
 @torch.library.custom_op("fusedops::rms_norm", mutates_args=(), device_types="cpu")

@@ -65,15 +65,23 @@ def _(gu):
     return gu.new_empty((*gu.shape[:-1], gu.shape[-1] // 2))
 
 
+def vector_ok(g2: torch.Tensor, u2: torch.Tensor, out2: torch.Tensor) -> bool:
+    """16-byte vectors fit: row strides are whole vectors (moot for one row: the kernel ends each row
+    with a scalar tail) and the pointers are 16-byte aligned."""
+    vec = 16 // out2.element_size()
+    strides_ok = out2.shape[0] == 1 or all(t.stride(0) % vec == 0 for t in (g2, u2, out2))
+    return strides_ok and aligned16(g2, u2, out2)
+
+
 def launch(g2: torch.Tensor, u2: torch.Tensor, out2: torch.Tensor) -> None:
     """g2, u2, out2: [rows, cols] views with unit column stride."""
     rows, cols = out2.shape
     vec = 16 // out2.element_size()
-    vector_ok = all(t.stride(0) % vec == 0 for t in (g2, u2, out2)) and aligned16(g2, u2, out2)
-    per_row = -(-cols // vec) if vector_ok else cols
+    wide = vector_ok(g2, u2, out2)
+    per_row = -(-cols // vec) if wide else cols
     params = SiluMulParams(out2.data_ptr(), g2.data_ptr(), u2.data_ptr(), rows, cols,
                            g2.stride(0), u2.stride(0), out2.stride(0))
-    k = kernel(SOURCE, f"silu_mul_{DTYPE_SUFFIX[out2.dtype]}_{'v' if vector_ok else 's'}",
+    k = kernel(SOURCE, f"silu_mul_{DTYPE_SUFFIX[out2.dtype]}_{'v' if wide else 's'}",
                SiluMulParams, out2.device)
     k.launch((-(-per_row // THREADS), min(rows, MAX_GRID_Y)), (THREADS,), params)
 
