@@ -10,7 +10,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..report import Report
-from ..weights import STORE, PreparedWeight
+from ..weights import PreparedWeight
 from .nodes import kind
 
 
@@ -95,7 +95,8 @@ def op_counts(gm: GraphModule) -> collections.Counter:
         if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "fusedops":
             counts[f"fusedops.{n.target._opname}"] += 1
         else:
-            counts[kind(n) or (n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)))] += 1
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+            counts[kind(n) or name] += 1
     return counts
 
 

@@ -68,7 +68,8 @@ def match_rms_norm(rsqrt_node) -> Optional[NormMatch]:
         return None
     h, eps, nodes = stats
     normed = only_user(rsqrt_node)
-    if kind(normed) != "mul" or binary_operands(normed) is None or not _same_value(other_operand(normed, rsqrt_node), h):
+    if kind(normed) != "mul" or binary_operands(normed) is None \
+            or not _same_value(other_operand(normed, rsqrt_node), h):
         raise Miss("rsqrt does not multiply the same tensor whose square was averaged")
     nodes.append(other_operand(normed, rsqrt_node))
     x = h.args[0] if is_cast(h) else h
