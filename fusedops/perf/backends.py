@@ -21,7 +21,6 @@ class Runner:
     eager: torch.nn.Module
     recompile: Callable[[], Callable] | None = None
 
-# ---- backends -------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _eager(model):
