@@ -67,7 +67,8 @@ def header(args, name, facts, device, ceil, workload_name) -> dict:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    info = {"model": f"{name}, {facts['layers']} layer{'s' * (facts['layers'] != 1)}, {_count(facts['params'])} params, {args.dtype}",
+    layers = f"{facts['layers']} layer{'s' * (facts['layers'] != 1)}"
+    info = {"model": f"{name}, {layers}, {_count(facts['params'])} params, {args.dtype}",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": dev, "software": f"torch {torch.__version__}, transformers {transformers.__version__}",
             "commit": commit, "command": "python -m fusedops.perf " + " ".join(sys.argv[1:]),
