@@ -50,6 +50,7 @@ def test_not_mutated_by_out_of_place_ops():
 
 def test_hf_static_cache_graph_marks_cache_and_counter_mutated():
     transformers = pytest.importorskip("transformers")
+    from fusedops.backend import compile_graph
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
@@ -59,7 +60,11 @@ def test_hf_static_cache_graph_marks_cache_and_counter_mutated():
     def spy(gm, example_inputs):
         names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
         seen["mutated"] = sorted(names[i] for i in mutated_placeholders(gm))
-        return gm.forward
+        fn, _ = compile_graph(gm, example_inputs, parse_options(options={"log": False}))
+        rewritten = fn.__self__   # cache writes are now fusedops::rope_cache_write (schema: Tensor(a!))
+        seen["rewritten"] = sorted(names[i] for i in mutated_placeholders(rewritten))
+        seen["ops"] = {str(n.target) for n in rewritten.graph.nodes}
+        return fn
 
     compiled = torch.compile(model, backend=spy)
     with torch.no_grad():
@@ -69,6 +74,8 @@ def test_hf_static_cache_graph_marks_cache_and_counter_mutated():
     assert len(mutated) == 3 * cfg.num_hidden_layers, mutated
     assert sum(n.endswith("_keys") for n in mutated) == sum(n.endswith("_values") for n in mutated) == 2
     assert not any("parameters" in n for n in mutated)
+    if "fusedops.rope_cache_write.default" in seen["ops"]:
+        assert seen["rewritten"] == mutated
 
 
 def test_blocker_reasons():
@@ -240,6 +247,49 @@ def test_max_graph_tokens_without_buckets():
     runner = captured["runner"]
     assert runner.captures == 1
     assert any("> max_graph_tokens 2" in r for r in runner.eager_only.values())
+
+
+def test_hf_static_cache_decode_through_recorded_graphs():
+    """The real HF decode graph, rewritten by fusedops, run through the runner's capture/replay logic."""
+    transformers = pytest.importorskip("transformers")
+    from fusedops.backend import compile_graph
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    runners = []
+
+    def backend(gm, example_inputs):
+        opts = parse_options(options={"cuda_graphs": False, "log": False})
+        fn, _ = compile_graph(gm, example_inputs, opts)
+        gm_rewritten = fn.__self__
+        runners.append(RecordingRunner(fn, gm_rewritten, list(example_inputs),
+                                       parse_options(mode="reduce-overhead", options=None)))
+        return runners[-1]
+
+    compiled = torch.compile(model, backend=backend)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    logits, caches = {}, {}
+    with torch.no_grad():
+        for name, fn in (("eager", model), ("fused", compiled)):
+            cache = transformers.StaticCache(config=cfg, max_cache_len=16)
+            out = model(ids, past_key_values=cache, cache_position=torch.arange(4), use_cache=True)
+            for layer in cache.layers:   # unmark: the runner must find the cache through its mutations
+                for t in (layer.keys, layer.values):
+                    if hasattr(t, "_dynamo_static_input_type"):
+                        del t._dynamo_static_input_type
+            token, steps = out.logits[:, -1:].argmax(-1), []
+            for step in range(6):
+                out = fn(token, past_key_values=cache, cache_position=torch.tensor([4 + step]), use_cache=True)
+                steps.append(out.logits.clone())
+                token = out.logits[:, -1:].argmax(-1)
+            logits[name], caches[name] = torch.cat(steps, 1), cache
+    torch.testing.assert_close(logits["fused"], logits["eager"], rtol=1e-4, atol=1e-5)
+    for a, b in zip(caches["fused"].layers, caches["eager"].layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
+    assert len(runners) == 1 and runners[0].captures == 1
+    assert next(iter(runners[0].graphs.values())).replays == 5
 
 
 # ---- the real thing on the GPU --------------------------------------------------------------------

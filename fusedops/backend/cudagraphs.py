@@ -62,9 +62,28 @@ def _target_name(node: torch.fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
+def _schema_written_args(node: torch.fx.Node) -> list:
+    """Arguments an operator's schema marks as written (`Tensor(a!)`): custom ops such as
+    fusedops::rope_cache_write and aten in-place/out overloads."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        schemas = [getattr(target, name)._schema for name in target.overloads()]
+    elif isinstance(target, torch._ops.OpOverload):
+        schemas = [target._schema]
+    else:
+        return []
+    written = []
+    for schema in schemas:
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                written += value if isinstance(value, (tuple, list)) else [value]
+    return written
+
+
 def mutated_placeholders(gm: torch.fx.GraphModule) -> set[int]:
-    """Positions of the placeholders that an in-place op (x.op_(...), x[i] = v, out=) may write,
-    directly or through a chain of views."""
+    """Positions of the placeholders that an in-place op (x.op_(...), x[i] = v, out=, a schema's
+    `Tensor(a!)` argument) may write, directly or through a chain of views."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     aliases: dict[torch.fx.Node, set[int]] = {n: {i} for i, n in enumerate(placeholders)}
     mutated: set[int] = set()
@@ -81,7 +100,7 @@ def mutated_placeholders(gm: torch.fx.GraphModule) -> set[int]:
         if in_place:
             mutated |= source
         out = node.kwargs.get("out")
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
+        for t in (out if isinstance(out, (tuple, list)) else [out]) + _schema_written_args(node):
             if isinstance(t, torch.fx.Node):
                 mutated |= aliases.get(t, set())
     return mutated
