@@ -5,7 +5,6 @@ import functools
 
 import torch
 
-import fusedops.ops  # noqa: F401
 from common import copy_bandwidth_gbs, inductor, liger_module, table, time_cuda, time_graph, versus
 from fusedops.ops import add_rmsnorm
 

@@ -4,7 +4,6 @@ import functools
 
 import torch
 
-import fusedops.ops  # noqa: F401
 from common import copy_bandwidth_gbs, inductor, liger_module, table, time_graph, versus
 from fusedops.ops import layernorm
 

@@ -7,7 +7,6 @@ import functools
 
 import torch
 
-import fusedops.ops  # noqa: F401
 from common import (copy_bandwidth_gbs, cpu_us_per_call, inductor, liger_module, table, time_cuda,
                     time_graph, versus)
 from fusedops.ops import rmsnorm
@@ -57,7 +56,8 @@ def main():
         times = {k: time_graph(lambda f=f: f(x, w)) if f else None for k, f in fns.items()}
         rows_out.append(versus(f"decode [{rows}x4096], graph", nbytes, times, copy))
     x, w = inputs(1, 4096)
-    overhead = [{"what": "fusedops.rms_norm [1x4096], eager call", "µs": cpu_us_per_call(lambda: fns["fusedops"](x, w))},
+    overhead = [{"what": "fusedops.rms_norm [1x4096], eager call",
+                 "µs": cpu_us_per_call(lambda: fns["fusedops"](x, w))},
                 {"what": "raw kernel launch (rmsnorm.launch)", "µs": cpu_us_per_call(
                     lambda: rmsnorm.launch(x, w, torch.empty_like(x), EPS))},
                 {"what": "inductor [1x4096], eager call", "µs": cpu_us_per_call(lambda: fns["inductor"](x, w))},

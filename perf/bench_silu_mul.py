@@ -6,7 +6,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-import fusedops.ops  # noqa: F401
 from common import copy_bandwidth_gbs, inductor, liger_module, table, time_cuda, time_graph, versus
 from fusedops.ops import silu_mul
 

@@ -5,7 +5,6 @@ import functools
 
 import torch
 
-import fusedops.ops  # noqa: F401
 from common import copy_bandwidth_gbs, inductor, liger_module, table, time_graph, versus
 from fusedops.ops import softmax
 
@@ -26,7 +25,8 @@ def main():
             "fusedops": big(lambda: torch.ops.fusedops.softmax(x)),
             "eager": big(lambda: torch.softmax(x, -1)),
             "inductor": big(lambda: compiled(x)),
-            "liger": big(lambda: liger.LigerSoftmaxFunction.apply(x)) if liger and cols <= LIGER_MAX_COLS else None}, copy))
+            "liger": big(lambda: liger.LigerSoftmaxFunction.apply(x))
+            if liger and cols <= LIGER_MAX_COLS else None}, copy))
     print(f"copy bandwidth {copy:.0f} GB/s on {torch.cuda.get_device_name()}")
     table(rows_out, "softmax bf16 (µs; x = speed-up of fusedops)", "softmax.md")
 

@@ -6,7 +6,6 @@ import random
 import pytest
 import torch
 
-import fusedops.ops  # noqa: F401
 from conftest import poison_, random_with_outliers, rel_err
 from fusedops.ops import rope
 from fusedops.runtime import compiler

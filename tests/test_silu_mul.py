@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fusedops.ops  # noqa: F401
 from conftest import poison_, random_with_outliers, rel_err
 from fusedops.ops import silu_mul
 from fusedops.runtime import compiler

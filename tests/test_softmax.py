@@ -5,7 +5,6 @@ import random
 import pytest
 import torch
 
-import fusedops.ops  # noqa: F401
 from conftest import poison_, random_with_outliers, rel_err
 from fusedops.ops import softmax
 from fusedops.runtime import compiler
@@ -60,7 +59,8 @@ def run_case(dtype, rows, cols, strided, seed, force=None):
     softmax.launch(x, out, force)
     ref = exact(x)
     err, torch_err = rel_err(out, ref), rel_err(softmax.softmax_reference(x), ref)
-    assert err <= max(2 * torch_err, 1e-6) and err <= MAX_ERR[dtype], (dtype, rows, cols, strided, force, err, torch_err)
+    what = (dtype, rows, cols, strided, force, err, torch_err)
+    assert err <= max(2 * torch_err, 1e-6) and err <= MAX_ERR[dtype], what
 
 
 @pytest.mark.gpu

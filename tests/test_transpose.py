@@ -5,7 +5,6 @@ import random
 import pytest
 import torch
 
-import fusedops.ops  # noqa: F401
 from conftest import poison_
 from fusedops.ops import transpose
 from fusedops.runtime import compiler

@@ -13,10 +13,14 @@ from ._launch import (DTYPE_SUFFIX, aligned16, check_cuda, check_dtype, check_sa
 
 SOURCE = register_source("rmsnorm", "rmsnorm.cu")
 
-# Most threads per row for the cached kernels (kCachedThreads in csrc/rmsnorm.cuh); ITEMS grows until
-# the row fits. Rows longer than 8 x 512 vectors stream. Variant sweep: perf/bench_rmsnorm.py.
+# Most threads per row for the cached kernels (kCachedThreads in csrc/rmsnorm.cuh); rows longer than
+# 8 x 512 vectors stream.
 CACHED_THREADS = 512
 CACHED_ITEMS = (1, 2, 4, 8)
+# Vectors a thread starts at: 2 is the shape of Inductor's and Liger's RMSNorm programs (8 warps for
+# 4096 bf16, 16 for 8192), which reach 94-98 % of copy bandwidth on the H100. Not yet measured for
+# ours: perf/bench_rmsnorm.py prints the sweep over ITEMS that should settle it.
+PREFERRED_ITEMS = 2
 
 
 class RmsNormParams(ctypes.Structure):
@@ -48,7 +52,8 @@ def row_variant(hidden: int, vec: int, vector_ok: bool, items: int | None = None
     `items` forces a cached variant (benchmark sweeps); it must fit in CACHED_THREADS threads."""
     nvec = hidden // vec if vector_ok else hidden
     if vector_ok and items is None:
-        items = next((i for i in CACHED_ITEMS if nvec <= i * CACHED_THREADS), None)
+        items = 1 if nvec <= 32 * PREFERRED_ITEMS else next(
+            (i for i in CACHED_ITEMS if i >= PREFERRED_ITEMS and nvec <= i * CACHED_THREADS), None)
     if vector_ok and items is not None:
         threads = max(32, (-(-nvec // items) + 31) // 32 * 32)
         if threads > CACHED_THREADS:
