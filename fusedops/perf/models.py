@@ -101,12 +101,13 @@ def describe(model) -> dict:
     # table doubles as lm_head.
     streamed = total - (0 if tied else embed.numel())
     lm_head = model.get_output_embeddings().weight.numel()
+    # per-token GEMM work of a prefill that keeps only the last logits: no embedding, no lm_head,
+    # no norm weights or biases
+    matmul = total - embed.numel() - (0 if tied else lm_head) - _vector_params(model)
     return dict(model_type=cfg.model_type, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
                 q_heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
-                vocab=cfg.vocab_size, params=total, streamed_params=streamed,
-                # per-token GEMM work of a prefill that keeps only the last logits
-                matmul_params=total - embed.numel() - (0 if tied else lm_head) - _vector_params(model))  # norms, biases
+                vocab=cfg.vocab_size, params=total, streamed_params=streamed, matmul_params=matmul)
 
 
 def _vector_params(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
+    return sum(p.numel() for p in model.parameters() if p.dim() == 1)
