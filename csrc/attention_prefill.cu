@@ -75,10 +75,10 @@ __device__ __forceinline__ void gemm_qk(float (&s)[Tr::kMTiles][Tr::kNTiles][4],
 // o[mi][di] += P V[tile].
 template <class Tr>
 __device__ __forceinline__ void gemm_pv(float (&o)[Tr::kMTiles][Tr::kDTiles][4],
-                                        const uint32_t (&pa)[Tr::kMTiles][Tr::kBlockN / 16][4], uint32_t sv,
+                                        const uint32_t (&pa)[Tr::kMTiles][Tr::kSubN / 16][4], uint32_t sv,
                                         const FragmentOffsets<Tr>& v_frag) {
 #pragma unroll
-    for (int kk = 0; kk < Tr::kBlockN / 16; ++kk) {
+    for (int kk = 0; kk < Tr::kSubN / 16; ++kk) {
 #pragma unroll
         for (int dj = 0; dj < Tr::kDTiles / 2; ++dj) {
             uint32_t b[4];  // keys kk*16..+15 x two d8 tiles, transposed into B fragments
@@ -94,9 +94,8 @@ __device__ __forceinline__ void gemm_pv(float (&o)[Tr::kMTiles][Tr::kDTiles][4],
 
 // What one CTA sees of its (batch, head): lengths and the causal offset of its sequence.
 struct Span {
-    int seqlen_q;
-    int key_end;         // keys >= key_end are invisible (Skv, clipped by kv_len)
-    int64_t causal_shift;  // query i sees key j <= i + causal_shift (kv_len or Skv, minus S)
+    int key_end;       // keys >= key_end are invisible (Skv, clipped by kv_len)
+    int causal_shift;  // query i sees key j <= i + causal_shift (kv_len or Skv, minus S)
 };
 
 __device__ __forceinline__ Span make_span(const AttentionPrefillParams& p, int batch, int seqlen_q, int seqlen_k) {
@@ -106,11 +105,10 @@ __device__ __forceinline__ Span make_span(const AttentionPrefillParams& p, int b
         length = p.kv_len_is_int64 ? static_cast<const int64_t*>(p.kv_len)[i]
                                    : static_cast<int64_t>(static_cast<const int32_t*>(p.kv_len)[i]);
     }
-    Span span;
-    span.seqlen_q = seqlen_q;
-    span.key_end = static_cast<int>(length < 0 ? 0 : (length < seqlen_k ? length : seqlen_k));
-    span.causal_shift = length - seqlen_q;
-    return span;
+    // Clamped to [-1, Skv + S] the visible set is unchanged, and every index fits in 32 bits.
+    const int64_t upper = static_cast<int64_t>(seqlen_k) + seqlen_q;
+    const int clamped = static_cast<int>(length < -1 ? -1 : (length > upper ? upper : length));
+    return {clamped < 0 ? 0 : min(clamped, seqlen_k), clamped - seqlen_q};
 }
 
 template <class Tr>
@@ -138,9 +136,8 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
     const Span span = make_span(p, batch, seqlen_q, seqlen_k);
 
     // Key tiles this query tile can see at all.
-    int64_t key_stop = span.key_end;
-    if (p.is_causal) key_stop = min(key_stop, m0 + Tr::kBlockM + span.causal_shift);
-    const int n_blocks = key_stop <= 0 ? 0 : static_cast<int>((key_stop + Tr::kBlockN - 1) / Tr::kBlockN);
+    const int key_stop = p.is_causal ? min(span.key_end, m0 + Tr::kBlockM + span.causal_shift) : span.key_end;
+    const int n_blocks = key_stop <= 0 ? 0 : (key_stop + Tr::kBlockN - 1) / Tr::kBlockN;
 
     const T* q = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head + (q_start + m0) * p.q_row;
     const T* k = static_cast<const T*>(p.k) + batch * p.k_batch + kv_head * p.k_head + k_start * p.k_row;
@@ -183,43 +180,51 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
         if (n_block > 0) load_tile<Tr, Tr::kBlockN>(sv(stage ^ 1), v, p.v_row, n0 - Tr::kBlockN, span.key_end);
         cp_async_commit();
 
-        float s[kMTiles][kNTiles][4];
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < kNTiles; ++ni)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[mi][ni][e] = 0.f;
-        gemm_qk<Tr>(s, sq, sk(stage), q_frag, k_frag);
-
-        const bool partial = n0 + Tr::kBlockN > span.key_end ||
-                             (p.is_causal && n0 + Tr::kBlockN - 1 > m0 + span.causal_shift);
-        if (partial || mask != nullptr) {
+#pragma unroll 1  // unrolled, ptxas overlaps the chunks and spills (d128 128x64/32: 72 B)
+        for (int sub = 0; sub < Tr::kSubTiles; ++sub) {
+            const int c0 = n0 + sub * Tr::kSubN;  // first key of this chunk
+            if (sub > 0 && c0 >= key_stop) break;  // the rest of the tile is invisible (CTA-uniform)
+            constexpr uint32_t kChunkBytes = Tr::kSubN * Tr::kChunks * 16;
+            float s[kMTiles][kNTiles][4];
 #pragma unroll
             for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int row = m0 + warp_row0 + mi * 16 + (lane >> 2) + 8 * h;
-                    const int64_t causal_end = row + span.causal_shift;  // last visible key
+                for (int ni = 0; ni < kNTiles; ++ni)
 #pragma unroll
-                    for (int ni = 0; ni < kNTiles; ++ni)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int col = n0 + ni * 8 + 2 * (lane & 3) + e;
-                            bool visible = col < span.key_end && row < seqlen_q;
-                            if (p.is_causal) visible = visible && col <= causal_end;
-                            if (mask != nullptr && visible)
-                                visible = mask[row * p.mask_row + col * p.mask_col] != 0;
-                            if (!visible) s[mi][ni][2 * h + e] = -INFINITY;
-                        }
-                }
-        }
-        uint32_t pa[kMTiles][Tr::kBlockN / 16][4];
-        softmax.template update<T>(s, o, pa, p.scale_log2);
+                    for (int e = 0; e < 4; ++e) s[mi][ni][e] = 0.f;
+            gemm_qk<Tr>(s, sq, sk(stage) + sub * kChunkBytes, q_frag, k_frag);
 
-        cp_async_wait<2>();  // this stage's V landed (the next stage's K and V may fly)
-        __syncthreads();
-        gemm_pv<Tr>(o, pa, sv(stage), v_frag);
+            const bool partial = c0 + Tr::kSubN > span.key_end ||
+                                 (p.is_causal && c0 + Tr::kSubN - 1 > m0 + span.causal_shift);
+            if (partial || mask != nullptr) {
+#pragma unroll
+                for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = m0 + warp_row0 + mi * 16 + (lane >> 2) + 8 * h;
+                        const int causal_end = row + span.causal_shift;  // last visible key
+#pragma unroll
+                        for (int ni = 0; ni < kNTiles; ++ni)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const int col = c0 + ni * 8 + 2 * (lane & 3) + e;
+                                bool visible = col < span.key_end && row < seqlen_q;
+                                if (p.is_causal) visible = visible && col <= causal_end;
+                                if (mask != nullptr && visible)
+                                    visible = mask[row * p.mask_row + col * p.mask_col] != 0;
+                                if (!visible) s[mi][ni][2 * h + e] = -INFINITY;
+                            }
+                    }
+            }
+            uint32_t pa[kMTiles][Tr::kSubN / 16][4];
+            softmax.template update<T>(s, o, pa, p.scale_log2);
+
+            if (sub == 0) {
+                cp_async_wait<2>();  // this stage's V landed (the next stage's K and V may fly)
+                __syncthreads();
+            }
+            gemm_pv<Tr>(o, pa, sv(stage) + sub * kChunkBytes, v_frag);
+        }
     }
 
     // Epilogue: normalize, stage O through the (now free) Q tile, write 16-byte rows.
@@ -262,14 +267,14 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
 
 }  // namespace fusedops::attn
 
-#if !defined(FA_HEAD_DIM) || !defined(FA_BLOCK_M) || !defined(FA_BLOCK_N) || !defined(FA_WARPS) || \
-    !defined(FA_MIN_BLOCKS)
-#error "attention_prefill.cu is built per variant: -DFA_HEAD_DIM -DFA_BLOCK_M -DFA_BLOCK_N -DFA_WARPS -DFA_MIN_BLOCKS"
+#if !defined(FA_HEAD_DIM) || !defined(FA_BLOCK_M) || !defined(FA_BLOCK_N) || !defined(FA_SUB_N) || \
+    !defined(FA_WARPS) || !defined(FA_MIN_BLOCKS)
+#error "attention_prefill.cu is built per variant: -DFA_HEAD_DIM -DFA_BLOCK_M -DFA_BLOCK_N -DFA_SUB_N -DFA_WARPS -DFA_MIN_BLOCKS"
 #endif
 
 #define FUSEDOPS_PREFILL_KERNEL(T, NAME)                                                              \
     using PrefillTraits_##NAME =                                                                      \
-        fusedops::attn::PrefillTraits<T, FA_HEAD_DIM, FA_BLOCK_M, FA_BLOCK_N, FA_WARPS, 2>;           \
+        fusedops::attn::PrefillTraits<T, FA_HEAD_DIM, FA_BLOCK_M, FA_BLOCK_N, FA_SUB_N, FA_WARPS, 2>; \
     extern "C" __global__ void __launch_bounds__(FA_WARPS * 32, FA_MIN_BLOCKS)                        \
         attention_prefill_##NAME(const __grid_constant__ AttentionPrefillParams p) {                 \
         fusedops::attn::prefill_attention<PrefillTraits_##NAME>(p);                                   \

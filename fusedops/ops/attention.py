@@ -37,32 +37,40 @@ from ._launch import DTYPE_SUFFIX, check_cuda, check_dtype, check_same_dtype, ke
 class PrefillTile(NamedTuple):
     block_m: int      # query rows per CTA
     block_n: int      # keys per pipeline stage
+    sub_n: int        # keys per softmax step (S registers); divides block_n
     warps: int
     min_blocks: int   # __launch_bounds__ minimum CTAs per SM (register cap)
 
 
 # head_dim -> tile variants; the first is the one the op uses, the others are benchmark candidates.
 # H100, 2026-11-25, causal S=8k: d128 128x32x4 277 TFLOP/s > 64x64x4 250 > 128x64x8 248 (128x64x4
-# would spill: 255 regs + 68 B); d64 128x64x4 245 > 64x64x4 227. ptxas: 255/200/198, 246/162, d256 249
-# registers, no spills.
+# spills: 255 regs + 68 B); d64 128x64x4 245 > 64x64x4 227. No variant here spills (tests check).
 PREFILL_TILES: dict[int, tuple[PrefillTile, ...]] = {
-    64: (PrefillTile(128, 64, 4, 1), PrefillTile(64, 64, 4, 1), PrefillTile(256, 64, 8, 1)),
-    128: (PrefillTile(128, 32, 4, 1), PrefillTile(64, 64, 4, 1), PrefillTile(128, 64, 8, 1),
-          PrefillTile(256, 32, 8, 1)),
-    256: (PrefillTile(64, 32, 4, 1),),
+    64: (PrefillTile(128, 64, 64, 4, 1), PrefillTile(128, 128, 64, 4, 1), PrefillTile(64, 64, 64, 4, 1)),
+    128: (PrefillTile(128, 32, 32, 4, 1), PrefillTile(64, 64, 64, 4, 1), PrefillTile(128, 64, 64, 8, 1),
+          PrefillTile(256, 32, 32, 8, 1)),
+    256: (PrefillTile(64, 32, 32, 4, 1), PrefillTile(64, 64, 32, 4, 1)),
 }
 PREFILL_STAGES = 2  # kStages in csrc/attention/prefill_traits.cuh
 DECODE_MAX_QUERIES = 8  # S at or below this goes to the decode kernel when it exists
 
 
-def _tile_source(head_dim: int, tile: PrefillTile):
+PREFILL_SOURCES: dict = {}  # (head_dim, PrefillTile) -> KernelSource
+
+
+def tile_source(head_dim: int, tile: PrefillTile):
+    """The compilation unit of one variant (registered once; benchmarks may add candidates)."""
     flags = (f"-DFA_HEAD_DIM={head_dim}", f"-DFA_BLOCK_M={tile.block_m}", f"-DFA_BLOCK_N={tile.block_n}",
-             f"-DFA_WARPS={tile.warps}", f"-DFA_MIN_BLOCKS={tile.min_blocks}")
-    name = f"attention_prefill_d{head_dim}_m{tile.block_m}_n{tile.block_n}_w{tile.warps}"
-    return register_source(name, "attention_prefill.cu", flags=flags)
+             f"-DFA_SUB_N={tile.sub_n}", f"-DFA_WARPS={tile.warps}", f"-DFA_MIN_BLOCKS={tile.min_blocks}")
+    name = f"attention_prefill_d{head_dim}_m{tile.block_m}_n{tile.block_n}_s{tile.sub_n}_w{tile.warps}"
+    source = register_source(name, "attention_prefill.cu", flags=flags)
+    PREFILL_SOURCES[(head_dim, tile)] = source
+    return source
 
 
-PREFILL_SOURCES = {(d, t): _tile_source(d, t) for d, tiles in PREFILL_TILES.items() for t in tiles}
+for _head_dim, _tiles in PREFILL_TILES.items():
+    for _tile in _tiles:
+        tile_source(_head_dim, _tile)
 
 
 def prefill_smem_bytes(head_dim: int, tile: PrefillTile) -> int:
