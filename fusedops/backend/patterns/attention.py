@@ -53,6 +53,16 @@ def _cache_positions(ctx: Context) -> dict:
     return written
 
 
+def _is_zero(node) -> bool:
+    """0, torch.zeros(()) (transformers 5.2x) or torch.tensor(0.0) (5.1x)."""
+    if float_const(node) is not None:
+        return float_const(node) == 0.0
+    target = getattr(node, "target", None)
+    if target in (torch.zeros, torch.zeros_like):
+        return True
+    return target in (torch.tensor, torch.scalar_tensor) and bool(node.args) and float_const(node.args[0]) == 0.0
+
+
 def _bool_from_additive(ctx: Context, mask) -> Optional[Any]:
     """The boolean mask behind an additive where(b, 0, min) mask (possibly sliced), else None."""
     index = None
@@ -61,9 +71,8 @@ def _bool_from_additive(ctx: Context, mask) -> Optional[Any]:
     if not (mask is not None and getattr(mask, "target", None) is torch.where and len(mask.args) == 3):
         return None
     cond, zero, low = mask.args
-    zero_ok = float_const(zero) == 0.0 or getattr(zero, "target", None) is torch.zeros
     low_val = float_const(low)
-    if dtype(cond) != torch.bool or not zero_ok or low_val is None or low_val > MASKED_BELOW:
+    if dtype(cond) != torch.bool or not _is_zero(zero) or low_val is None or low_val > MASKED_BELOW:
         return None
     if index is None:
         return cond
