@@ -49,13 +49,15 @@ class Variant:
         return GENERATED_DIR / f"{self.name}.cu"
 
 
-# The candidates of the first H100 sweep (perf/notes/gemm.md says which M bucket each serves).
+# H100 sweep 1 (perf/notes/gemm.md): 128x256 2x1 cooperative won every M >= 2048, 64x256 ping-pong
+# every M <= 128; 256x128, 128x128 ping-pong and 128x128 stream-K linear never beat them or cuBLAS.
 VARIANTS: tuple[Variant, ...] = (
     Variant("swiglu", (128, 256, 64), (2, 1)),
+    Variant("swiglu", (128, 256, 64), (2, 2)),
     Variant("swiglu", (128, 256, 64), (1, 1), scheduler="streamk"),
+    Variant("swiglu", (64, 256, 64), (2, 1), schedule="pingpong"),
     Variant("linear", (128, 256, 64), (2, 1)),
-    Variant("linear", (256, 128, 64), (2, 1)),
-    Variant("linear", (128, 128, 64), (1, 1), scheduler="streamk"),
+    Variant("linear", (128, 256, 64), (2, 2)),
 )
 
 

@@ -15,9 +15,10 @@
 
 namespace fusedops::gemm {
 
-// The thread-level op: h = silu(g) * u in fp32, rounded once to the output type.
+// The thread-level op: h = silu(g) * u in fp32, rounded once to the output type. The fast divide
+// (rcp + mul) keeps the non-overlapped epilogue short; for g < -88 it divides by inf and gives -0.
 struct SiluMul {
-    CUTLASS_DEVICE float operator()(float g, float u) const { return g / (1.f + __expf(-g)) * u; }
+    CUTLASS_DEVICE float operator()(float g, float u) const { return __fdividef(g, 1.f + __expf(-g)) * u; }
 };
 
 template <class ElementOut, class TileShape>

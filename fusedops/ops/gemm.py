@@ -48,11 +48,15 @@ class Route:
 
 
 _ALL_M = 1 << 62
-# Per op, ascending max_m. Filled from the H100 sweep in perf/notes/gemm.md.
+_SWIGLU_SMALL = "gemm_swiglu_bf16_64x256x64_c2x1_pingpong_persistent"
+_SWIGLU_LARGE = "gemm_swiglu_bf16_128x256x64_c2x1_coop_persistent"
+_LINEAR_LARGE = "gemm_linear_bf16_128x256x64_c2x1_coop_persistent"
+# Per op, ascending max_m; from the H100 sweeps in perf/notes/gemm.md. At decode sizes cuBLAS's
+# split-K beats every linear instantiation here (0.5-0.9x), so those M stay on cuBLAS.
 ROUTES: dict[str, tuple[Route, ...]] = {
-    "linear": (Route(_ALL_M, None),),
-    "linear_residual": (Route(_ALL_M, None),),
-    "gate_up_silu": (Route(_ALL_M, None),),
+    "linear": (Route(1024, None), Route(_ALL_M, _LINEAR_LARGE)),
+    "linear_residual": (Route(1024, None), Route(_ALL_M, _LINEAR_LARGE)),
+    "gate_up_silu": (Route(512, _SWIGLU_SMALL), Route(4096, _SWIGLU_LARGE), Route(_ALL_M, _SWIGLU_LARGE, swizzle=4)),
 }
 
 

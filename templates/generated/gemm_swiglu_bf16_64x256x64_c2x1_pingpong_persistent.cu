@@ -2,7 +2,7 @@
 #include "gemm_sm90.cuh"
 
 using Traits = fusedops::gemm::GemmTraits<fusedops::gemm::GemmConfig<
-    256, 128, 64, 2, 1, fusedops::gemm::Schedule::kCooperative,
-    fusedops::gemm::Scheduler::kPersistent, fusedops::gemm::Epilogue::kLinear>>;
+    64, 256, 64, 2, 1, fusedops::gemm::Schedule::kPingpong,
+    fusedops::gemm::Scheduler::kPersistent, fusedops::gemm::Epilogue::kSwiglu>>;
 
 FUSEDOPS_GEMM_EXPORT(Traits)

@@ -2,7 +2,7 @@
 #include "gemm_sm90.cuh"
 
 using Traits = fusedops::gemm::GemmTraits<fusedops::gemm::GemmConfig<
-    128, 128, 64, 1, 1, fusedops::gemm::Schedule::kCooperative,
-    fusedops::gemm::Scheduler::kStreamK, fusedops::gemm::Epilogue::kLinear>>;
+    128, 256, 64, 2, 2, fusedops::gemm::Schedule::kCooperative,
+    fusedops::gemm::Scheduler::kPersistent, fusedops::gemm::Epilogue::kLinear>>;
 
 FUSEDOPS_GEMM_EXPORT(Traits)
