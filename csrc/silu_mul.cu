@@ -17,10 +17,13 @@ struct SiluMulParams {
 
 namespace fusedops {
 
+// __fdividef (rcp.approx + mul, 2 ulp) instead of an IEEE division: the division's slow-path
+// subroutine sat on every thread's critical path, and a decode-size call is one vector a thread.
+// For x < -87 the denominator passes 2^126 and __fdividef gives 0 where silu(x) is ~1e-36.
 template <typename T>
 __device__ __forceinline__ T silu_mul_one(T g, T u) {
     const float x = to_float(g);
-    return from_float<T>(round_to<T>(x / (1.f + __expf(-x))) * to_float(u));
+    return from_float<T>(round_to<T>(__fdividef(x, 1.f + __expf(-x))) * to_float(u));
 }
 
 template <typename T, int VEC>

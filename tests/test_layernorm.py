@@ -44,6 +44,17 @@ def test_bad_input_names_the_argument(w, b, eps, arg):
         op(torch.randn(2, 8), w, b, eps)
 
 
+def test_plan_warp_rows_for_short_rows_and_forced_variants():
+    assert layernorm.plan(768, 8, True) == ("w4", 128, layernorm.ROWS_PER_CTA)
+    assert layernorm.plan(4096, 8, True) == (f"c{layernorm.PREFERRED_ITEMS}", 4096 // 8 // layernorm.PREFERRED_ITEMS, 1)
+    assert layernorm.plan(4096, 8, True, "c4") == ("c4", 128, 1)
+    assert layernorm.plan(100, 8, False) == ("s1", 128, 1)
+    with pytest.raises(ValueError, match="^variant:"):
+        layernorm.plan(4096, 8, True, "w8")
+    with pytest.raises(ValueError, match="^variant:"):
+        layernorm.plan(8192, 8, True, "c1")
+
+
 @pytest.mark.nvcc
 def test_ptx_has_128bit_access_and_warp_shuffles():
     ptx = compiler.emit_ptx(layernorm.SOURCE, "sm_90a")
@@ -52,16 +63,17 @@ def test_ptx_has_128bit_access_and_warp_shuffles():
 
 # ---------------------------------------------------------------- GPU
 
-def run_case(dtype, rows, hidden, strided, affine, seed):
+def run_case(dtype, rows, hidden, strided, affine, seed, variant=None):
     g = torch.Generator().manual_seed(seed)
     x = random_with_outliers((rows, hidden + (8 if strided else 0)), dtype, "cuda", g)[:, :hidden] + 2
     w = torch.randn(hidden, generator=g).to(dtype).cuda() if affine in ("w", "wb") else None
     b = torch.randn(hidden, generator=g).to(dtype).cuda() if affine in ("b", "wb") else None
     out = poison_(torch.empty(rows, hidden, dtype=dtype, device="cuda"))
-    layernorm.launch(x, w, b, out, 1e-5)
+    layernorm.launch(x, w, b, out, 1e-5, variant)
     ref = exact(x, w, b, 1e-5)
     err, torch_err = rel_err(out, ref), rel_err(layernorm.layer_norm_reference(x, w, b, 1e-5), ref)
-    assert err <= max(2 * torch_err, 1e-6) and err <= MAX_ERR[dtype], (dtype, rows, hidden, affine, err, torch_err)
+    assert err <= max(2 * torch_err, 1e-6) and err <= MAX_ERR[dtype], (dtype, rows, hidden, affine, variant, err,
+                                                                          torch_err)
 
 
 @pytest.mark.gpu
@@ -71,6 +83,15 @@ def test_random_sweep_vs_float64():
         hidden = rng.choice([rng.randint(1, 300), rng.randrange(8, 9000, 8), rng.choice([768, 4096, 8192, 20000])])
         run_case(rng.choice(DTYPES), rng.choice([1, 4, 16, rng.randint(1, 200)]), hidden, rng.random() < 0.25,
                  rng.choice(["wb", "w", "b", ""]), seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant, hidden", [("w1", 200), ("w2", 512), ("w4", 768), ("w8", 2048), ("c1", 4096),
+                                             ("c2", 4096), ("c4", 8192), ("c4", 1000)])
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_every_vector_variant(variant, hidden, dtype):
+    for rows, affine in ((37, "wb"), (1, "w"), (5, "")):  # 37 rows: a partly filled last warp-row CTA
+        run_case(dtype, rows, hidden, False, affine, rows, variant)
 
 
 @pytest.mark.gpu

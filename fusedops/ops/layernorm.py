@@ -15,6 +15,12 @@ SOURCE = register_source("layernorm", "layernorm.cu")
 
 CACHED_ITEMS = (1, 2, 4)   # row vectors a thread keeps in registers (c8 spilled)
 CACHED_THREADS = 512       # kCachedThreads in csrc/layernorm.cu
+WARP_ITEMS = (1, 2, 4, 8)  # w<ITEMS>: one warp per row for rows of up to 8 x 32 vectors
+# One CTA per row took 0.77x Inductor at [16384x768] (96 threads, two barriers a row) and 0.73x at x8192
+# (c2 at 512 threads), 2026-11-25. Not yet measured: warp rows for short rows, and starting at 2 vectors
+# a thread (Inductor's/Liger's shape, as in rmsnorm.PREFERRED_ITEMS); bench_layernorm.py sweeps both.
+PREFERRED_ITEMS = 2
+ROWS_PER_CTA = 4  # warps (rows) per w<ITEMS> CTA; at most kWarpRowThreads / 32
 
 
 class LayerNormParams(ctypes.Structure):
@@ -43,23 +49,41 @@ def _validate(x, weight, bias, eps):
         raise ValueError(f"eps: must be >= 0, got {eps}")
 
 
-def launch(x2, weight, bias, out2, eps) -> None:
+def plan(hidden: int, vec: int, vector_ok: bool, variant: str | None = None) -> tuple[str, int, int]:
+    """(kernel suffix, threads per CTA, rows per CTA). `variant` ("w4", "c2", ...) forces one for
+    benchmark sweeps; it must hold the row."""
+    nvec = hidden // vec if vector_ok else hidden
+    if variant is None and vector_ok:
+        w = next((i for i in WARP_ITEMS if nvec <= 32 * i), None)
+        c = next((i for i in CACHED_ITEMS if i >= PREFERRED_ITEMS and nvec <= i * CACHED_THREADS),
+                 next((i for i in CACHED_ITEMS if nvec <= i * CACHED_THREADS), None))
+        variant = f"w{w}" if w is not None else f"c{c}" if c is not None else None
+    if variant is not None and variant[0] in "wc":
+        items = int(variant[1:])
+        if not vector_ok or variant[0] == "w" and nvec > 32 * items:
+            raise ValueError(f"variant: {variant} cannot hold a row of hidden={hidden}")
+        if variant[0] == "w":
+            return variant, 32 * ROWS_PER_CTA, ROWS_PER_CTA
+        threads = max(32, (-(-nvec // items) + 31) // 32 * 32)
+        if threads > CACHED_THREADS:
+            raise ValueError(f"variant: {variant} needs {threads} threads for hidden={hidden}, "
+                             f"more than {CACHED_THREADS}")
+        return variant, threads, 1
+    return ("sv" if vector_ok else "s1"), min(1024, (nvec + 31) // 32 * 32), 1
+
+
+def launch(x2, weight, bias, out2, eps, variant: str | None = None) -> None:
     rows, hidden = x2.shape
     vec = 16 // x2.element_size()
     affine = [t for t in (weight, bias) if t is not None]
     vector_ok = (hidden % vec == 0 and x2.stride(0) % vec == 0 and out2.stride(0) % vec == 0
                  and aligned16(x2, out2, *affine))
-    nvec = hidden // vec if vector_ok else hidden
-    items = next((i for i in CACHED_ITEMS if nvec <= i * CACHED_THREADS), None) if vector_ok else None
-    if items is not None:
-        name, threads = f"c{items}", max(32, (-(-nvec // items) + 31) // 32 * 32)
-    else:
-        name, threads = ("sv" if vector_ok else "s1"), min(1024, (nvec + 31) // 32 * 32)
+    name, threads, rows_per_cta = plan(hidden, vec, vector_ok, variant)
     params = LayerNormParams(out2.data_ptr(), x2.data_ptr(), weight.data_ptr() if weight is not None else None,
                              bias.data_ptr() if bias is not None else None, rows, hidden, x2.stride(0),
                              out2.stride(0), float(eps))
     k = kernel(SOURCE, f"layernorm_{DTYPE_SUFFIX[x2.dtype]}_{name}", LayerNormParams, x2.device)
-    k.launch((rows,), (threads,), params)
+    k.launch((-(-rows // rows_per_cta),), (threads,), params)
 
 
 @torch.library.custom_op("fusedops::layer_norm", mutates_args=(), device_types="cpu")

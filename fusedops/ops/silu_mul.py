@@ -11,7 +11,11 @@ from ..runtime import register_source
 from ._launch import DTYPE_SUFFIX, aligned16, check_cuda, check_dtype, check_same_dtype, kernel, rows_view
 
 SOURCE = register_source("silu_mul", "silu_mul.cu")
-THREADS = 256      # per CTA along a row
+THREADS = 256      # per CTA along a row: [8192x14336] at the copy ceiling (102 % of copy, 2026-11-25)
+# Calls with fewer vectors than this take DECODE_THREADS-thread CTAs, spreading a decode-size call over
+# more SMs (at 256 threads one 14336-wide row fills 7 CTAs). Not yet measured: bench_silu_mul.py sweeps it.
+DECODE_VECTORS = 132 * THREADS
+DECODE_THREADS = 64
 MAX_GRID_Y = 65535  # CUDA's gridDim.y limit; more rows are walked grid-stride
 
 
@@ -73,17 +77,20 @@ def vector_ok(g2: torch.Tensor, u2: torch.Tensor, out2: torch.Tensor) -> bool:
     return strides_ok and aligned16(g2, u2, out2)
 
 
-def launch(g2: torch.Tensor, u2: torch.Tensor, out2: torch.Tensor) -> None:
-    """g2, u2, out2: [rows, cols] views with unit column stride."""
+def launch(g2: torch.Tensor, u2: torch.Tensor, out2: torch.Tensor, threads: int | None = None) -> None:
+    """g2, u2, out2: [rows, cols] views with unit column stride. `threads` per CTA overrides the
+    size-based choice (benchmark sweeps)."""
     rows, cols = out2.shape
     vec = 16 // out2.element_size()
     wide = vector_ok(g2, u2, out2)
     per_row = -(-cols // vec) if wide else cols
+    if threads is None:
+        threads = DECODE_THREADS if rows * per_row < DECODE_VECTORS else THREADS
     params = SiluMulParams(out2.data_ptr(), g2.data_ptr(), u2.data_ptr(), rows, cols,
                            g2.stride(0), u2.stride(0), out2.stride(0))
     k = kernel(SOURCE, f"silu_mul_{DTYPE_SUFFIX[out2.dtype]}_{'v' if wide else 's'}",
                SiluMulParams, out2.device)
-    k.launch((-(-per_row // THREADS), min(rows, MAX_GRID_Y)), (THREADS,), params)
+    k.launch((-(-per_row // threads), min(rows, MAX_GRID_Y)), (threads,), params)
 
 
 @silu_mul.register_kernel("cuda")
