@@ -26,7 +26,7 @@ SHAPES = [(1024, 128, True), (2048, 128, True), (4096, 128, True), (8192, 128, T
 
 
 def label(tile):
-    return f"{tile.block_m},{tile.block_n},{tile.sub_n},{tile.warps}"
+    return ",".join(map(str, tile))
 
 
 def sdpa_backend(backend, q, k, v, causal):
@@ -55,7 +55,7 @@ def bench(quick: bool):
         flash = tflops(sdpa_backend(SDPBackend.FLASH_ATTENTION, q, k, v, causal))
         cudnn = tflops(sdpa_backend(SDPBackend.CUDNN_ATTENTION, q, k, v, causal))
         row = {"S": s, "D": d, "causal": "yes" if causal else "no", "fusedops TF/s": ours[best],
-               "tile (m,n,sub,warps)": label(best),
+               "tile (m,n,sub,warps,min_blocks)": label(best),
                "FLASH TF/s": flash, "cuDNN TF/s": cudnn, "vs FLASH": ours[best] / flash,
                "vs cuDNN": ours[best] / cudnn, "% GEMM peak": 100 * ours[best] / peak,
                "other tiles": " ".join(f"{label(t)}:{v:.0f}" for t, v in ours.items() if t != best)}

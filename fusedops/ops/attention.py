@@ -43,11 +43,12 @@ class PrefillTile(NamedTuple):
 
 
 # head_dim -> tile variants; the first is the one the op uses, the others are benchmark candidates.
-# H100, 2026-11-25, causal S=8k: d128 128x32x4 277 TFLOP/s > 64x64x4 250 > 128x64x8 248 (128x64x4
+# H100, 2026-11-25, causal S=8k, TFLOP/s: d128 128x32x4 277 > 64x64x4 250 > 128x64x8 248 (128x64x4
 # spills: 255 regs + 68 B); d64 128x64x4 245 > 64x64x4 227. No variant here spills (tests check).
 PREFILL_TILES: dict[int, tuple[PrefillTile, ...]] = {
-    64: (PrefillTile(128, 64, 64, 4, 1), PrefillTile(128, 128, 64, 4, 1), PrefillTile(64, 64, 64, 4, 1)),
-    128: (PrefillTile(128, 32, 32, 4, 1), PrefillTile(64, 64, 64, 4, 1), PrefillTile(128, 64, 64, 8, 1),
+    64: (PrefillTile(128, 64, 64, 4, 1), PrefillTile(128, 128, 64, 4, 1), PrefillTile(64, 64, 64, 4, 3),
+         PrefillTile(64, 32, 32, 4, 4)),
+    128: (PrefillTile(128, 32, 32, 4, 1), PrefillTile(64, 64, 64, 4, 1), PrefillTile(64, 32, 32, 4, 3),
           PrefillTile(256, 32, 32, 8, 1)),
     256: (PrefillTile(64, 32, 32, 4, 1), PrefillTile(64, 64, 32, 4, 1)),
 }
@@ -62,7 +63,7 @@ def tile_source(head_dim: int, tile: PrefillTile):
     """The compilation unit of one variant (registered once; benchmarks may add candidates)."""
     flags = (f"-DFA_HEAD_DIM={head_dim}", f"-DFA_BLOCK_M={tile.block_m}", f"-DFA_BLOCK_N={tile.block_n}",
              f"-DFA_SUB_N={tile.sub_n}", f"-DFA_WARPS={tile.warps}", f"-DFA_MIN_BLOCKS={tile.min_blocks}")
-    name = f"attention_prefill_d{head_dim}_m{tile.block_m}_n{tile.block_n}_s{tile.sub_n}_w{tile.warps}"
+    name = "attention_prefill_d{}_m{}_n{}_s{}_w{}_b{}".format(head_dim, *tile)
     source = register_source(name, "attention_prefill.cu", flags=flags)
     PREFILL_SOURCES[(head_dim, tile)] = source
     return source
