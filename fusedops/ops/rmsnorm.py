@@ -4,6 +4,7 @@ Non-contiguous input: rows may be strided (any row stride); a non-unit last stri
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -47,6 +48,7 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
         raise ValueError(f"eps: must be >= 0, got {eps}")
 
 
+@functools.lru_cache(maxsize=None)  # pure, and on every eager call's CPU path
 def row_variant(hidden: int, vec: int, vector_ok: bool, items: int | None = None) -> tuple[str, int]:
     """(kernel suffix, threads per CTA) for a one-row-per-CTA norm kernel of csrc/rmsnorm.cuh.
     `items` forces a cached variant (benchmark sweeps); it must fit in CACHED_THREADS threads."""
