@@ -75,10 +75,10 @@ __device__ __forceinline__ void gemm_qk(float (&s)[Tr::kMTiles][Tr::kNTiles][4],
 // o[mi][di] += P V[tile].
 template <class Tr>
 __device__ __forceinline__ void gemm_pv(float (&o)[Tr::kMTiles][Tr::kDTiles][4],
-                                        const uint32_t (&pa)[Tr::kMTiles][Tr::kSubN / 16][4], uint32_t sv,
+                                        const uint32_t (&pa)[Tr::kMTiles][Tr::kBlockN / 16][4], uint32_t sv,
                                         const FragmentOffsets<Tr>& v_frag) {
 #pragma unroll
-    for (int kk = 0; kk < Tr::kSubN / 16; ++kk) {
+    for (int kk = 0; kk < Tr::kBlockN / 16; ++kk) {
 #pragma unroll
         for (int dj = 0; dj < Tr::kDTiles / 2; ++dj) {
             uint32_t b[4];  // keys kk*16..+15 x two d8 tiles, transposed into B fragments
@@ -111,6 +111,53 @@ __device__ __forceinline__ Span make_span(const AttentionPrefillParams& p, int b
     return {clamped < 0 ? 0 : min(clamped, seqlen_k), clamped - seqlen_q};
 }
 
+template <int kM, int kN>
+__device__ __forceinline__ void clear(float (&s)[kM][kN][4]) {
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < kN; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mi][ni][e] = 0.f;
+}
+
+template <int kM, int kN>
+__device__ __forceinline__ void copy(float (&dst)[kM][kN][4], const float (&src)[kM][kN][4]) {
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < kN; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dst[mi][ni][e] = src[mi][ni][e];
+}
+
+// -inf where a key is invisible: past key_end, above the causal diagonal, or masked off.
+// row0: the warp's first query row; n0: the tile's first key. The mask pointer is formed here, off
+// the hot path, so it holds no registers across the main loop.
+template <class Tr>
+__device__ __forceinline__ void mask_tile(float (&s)[Tr::kMTiles][Tr::kNTiles][4], const AttentionPrefillParams& p,
+                                          const Span& span, int batch, int head, int row0, int n0, int seqlen_q,
+                                          int lane) {
+    const uint8_t* mask = p.mask == nullptr ? nullptr : p.mask + batch * p.mask_batch + head * p.mask_head;
+#pragma unroll
+    for (int mi = 0; mi < Tr::kMTiles; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = row0 + mi * 16 + (lane >> 2) + 8 * h;
+            const int causal_end = row + span.causal_shift;  // last visible key
+#pragma unroll
+            for (int ni = 0; ni < Tr::kNTiles; ++ni)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = n0 + ni * 8 + 2 * (lane & 3) + e;
+                    bool visible = col < span.key_end && row < seqlen_q;
+                    if (p.is_causal) visible = visible && col <= causal_end;
+                    if (mask != nullptr && visible) visible = mask[row * p.mask_row + col * p.mask_col] != 0;
+                    if (!visible) s[mi][ni][2 * h + e] = -INFINITY;
+                }
+        }
+}
+
 template <class Tr>
 __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& p) {
     using T = typename Tr::T;
@@ -124,12 +171,12 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
     const int warp_row0 = warp * Tr::kRowsPerWarp;
 
     int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
-    int64_t q_start = 0, k_start = 0;  // first row of this sequence (varlen packing)
+    int q_start = 0, k_start = 0;  // first row of this sequence (varlen packing: int32 offsets)
     if (p.cu_seqlens_q != nullptr) {
         q_start = p.cu_seqlens_q[batch];
         k_start = p.cu_seqlens_k[batch];
-        seqlen_q = p.cu_seqlens_q[batch + 1] - static_cast<int>(q_start);
-        seqlen_k = p.cu_seqlens_k[batch + 1] - static_cast<int>(k_start);
+        seqlen_q = p.cu_seqlens_q[batch + 1] - q_start;
+        seqlen_k = p.cu_seqlens_k[batch + 1] - k_start;
     }
     const int m0 = m_block * Tr::kBlockM;
     if (m0 >= seqlen_q) return;
@@ -142,7 +189,6 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
     const T* q = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head + (q_start + m0) * p.q_row;
     const T* k = static_cast<const T*>(p.k) + batch * p.k_batch + kv_head * p.k_head + k_start * p.k_row;
     const T* v = static_cast<const T*>(p.v) + batch * p.v_batch + kv_head * p.v_head + k_start * p.v_row;
-    const uint8_t* mask = p.mask == nullptr ? nullptr : p.mask + batch * p.mask_batch + head * p.mask_head;
 
     const uint32_t sq = smem_address(smem);
     auto sk = [&](int stage) { return sq + Tr::kTileQBytes + stage * Tr::kStageBytes; };
@@ -162,69 +208,44 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
             for (int e = 0; e < 4; ++e) o[mi][di][e] = 0.f;
     OnlineSoftmax<kMTiles, kNTiles, kDTiles> softmax;
 
+    // Pipeline: K_j lives in stage j % 2 of the K ring, V_j in stage j % 2 of the V ring. Iteration j
+    // issues S_{j+1} = Q K_{j+1}^T on the tensor cores first, then runs the softmax of S_j (no
+    // dependence on those mmas, so the two overlap within each warp), then O += P_j V_j; the copies
+    // of K_{j+2} and V_{j+1} fly meanwhile. One barrier per key tile.
+    float s[kMTiles][kNTiles][4];
     if (n_blocks > 0) {
         load_tile<Tr, Tr::kBlockM>(sq, q, p.q_row, 0, seqlen_q - m0);
         load_tile<Tr, Tr::kBlockN>(sk(0), k, p.k_row, (n_blocks - 1) * Tr::kBlockN, span.key_end);
         cp_async_commit();
+        if (n_blocks > 1) load_tile<Tr, Tr::kBlockN>(sk(1), k, p.k_row, (n_blocks - 2) * Tr::kBlockN, span.key_end);
         load_tile<Tr, Tr::kBlockN>(sv(0), v, p.v_row, (n_blocks - 1) * Tr::kBlockN, span.key_end);
         cp_async_commit();
+        cp_async_wait<1>();  // Q and K_0
+        __syncthreads();
+        clear(s);
+        gemm_qk<Tr>(s, sq, sk(0), q_frag, k_frag);
     }
 
     for (int j = 0; j < n_blocks; ++j) {
         const int n_block = n_blocks - 1 - j, stage = j & 1;
         const int n0 = n_block * Tr::kBlockN;
-        cp_async_wait<1>();  // this stage's K (and Q) landed; its V may still fly
-        __syncthreads();     // ... for every thread; and every warp is done with the other stage
-        if (n_block > 0) load_tile<Tr, Tr::kBlockN>(sk(stage ^ 1), k, p.k_row, n0 - Tr::kBlockN, span.key_end);
+        cp_async_wait<0>();  // K_{j+1} and V_j landed
+        __syncthreads();     // ... for every thread; every warp is done with K_j and V_{j-1}
+        if (n_block >= 2) load_tile<Tr, Tr::kBlockN>(sk(stage), k, p.k_row, n0 - 2 * Tr::kBlockN, span.key_end);
+        if (n_block >= 1) load_tile<Tr, Tr::kBlockN>(sv(stage ^ 1), v, p.v_row, n0 - Tr::kBlockN, span.key_end);
         cp_async_commit();
-        if (n_block > 0) load_tile<Tr, Tr::kBlockN>(sv(stage ^ 1), v, p.v_row, n0 - Tr::kBlockN, span.key_end);
-        cp_async_commit();
 
-#pragma unroll 1  // unrolled, ptxas overlaps the chunks and spills (d128 128x64/32: 72 B)
-        for (int sub = 0; sub < Tr::kSubTiles; ++sub) {
-            const int c0 = n0 + sub * Tr::kSubN;  // first key of this chunk
-            if (sub > 0 && c0 >= key_stop) break;  // the rest of the tile is invisible (CTA-uniform)
-            constexpr uint32_t kChunkBytes = Tr::kSubN * Tr::kChunks * 16;
-            float s[kMTiles][kNTiles][4];
-#pragma unroll
-            for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < kNTiles; ++ni)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[mi][ni][e] = 0.f;
-            gemm_qk<Tr>(s, sq, sk(stage) + sub * kChunkBytes, q_frag, k_frag);
+        float s_next[kMTiles][kNTiles][4];
+        clear(s_next);
+        if (n_block >= 1) gemm_qk<Tr>(s_next, sq, sk(stage ^ 1), q_frag, k_frag);
 
-            const bool partial = c0 + Tr::kSubN > span.key_end ||
-                                 (p.is_causal && c0 + Tr::kSubN - 1 > m0 + span.causal_shift);
-            if (partial || mask != nullptr) {
-#pragma unroll
-                for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int row = m0 + warp_row0 + mi * 16 + (lane >> 2) + 8 * h;
-                        const int causal_end = row + span.causal_shift;  // last visible key
-#pragma unroll
-                        for (int ni = 0; ni < kNTiles; ++ni)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                const int col = c0 + ni * 8 + 2 * (lane & 3) + e;
-                                bool visible = col < span.key_end && row < seqlen_q;
-                                if (p.is_causal) visible = visible && col <= causal_end;
-                                if (mask != nullptr && visible)
-                                    visible = mask[row * p.mask_row + col * p.mask_col] != 0;
-                                if (!visible) s[mi][ni][2 * h + e] = -INFINITY;
-                            }
-                    }
-            }
-            uint32_t pa[kMTiles][Tr::kSubN / 16][4];
-            softmax.template update<T>(s, o, pa, p.scale_log2);
-
-            if (sub == 0) {
-                cp_async_wait<2>();  // this stage's V landed (the next stage's K and V may fly)
-                __syncthreads();
-            }
-            gemm_pv<Tr>(o, pa, sv(stage) + sub * kChunkBytes, v_frag);
-        }
+        const bool partial = n0 + Tr::kBlockN > span.key_end ||
+                             (p.is_causal && n0 + Tr::kBlockN - 1 > m0 + span.causal_shift);
+        if (partial || p.mask != nullptr) mask_tile<Tr>(s, p, span, batch, head, m0 + warp_row0, n0, seqlen_q, lane);
+        uint32_t pa[kMTiles][Tr::kBlockN / 16][4];
+        softmax.template update<T>(s, o, pa, p.scale_log2);
+        gemm_pv<Tr>(o, pa, sv(stage), v_frag);
+        copy(s, s_next);
     }
 
     // Epilogue: normalize, stage O through the (now free) Q tile, write 16-byte rows.
@@ -267,14 +288,14 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
 
 }  // namespace fusedops::attn
 
-#if !defined(FA_HEAD_DIM) || !defined(FA_BLOCK_M) || !defined(FA_BLOCK_N) || !defined(FA_SUB_N) || \
-    !defined(FA_WARPS) || !defined(FA_MIN_BLOCKS)
-#error "attention_prefill.cu is built per variant: -DFA_HEAD_DIM -DFA_BLOCK_M -DFA_BLOCK_N -DFA_SUB_N -DFA_WARPS -DFA_MIN_BLOCKS"
+#if !defined(FA_HEAD_DIM) || !defined(FA_BLOCK_M) || !defined(FA_BLOCK_N) || !defined(FA_WARPS) || \
+    !defined(FA_MIN_BLOCKS)
+#error "attention_prefill.cu is built per variant: -DFA_HEAD_DIM -DFA_BLOCK_M -DFA_BLOCK_N -DFA_WARPS -DFA_MIN_BLOCKS"
 #endif
 
 #define FUSEDOPS_PREFILL_KERNEL(T, NAME)                                                              \
     using PrefillTraits_##NAME =                                                                      \
-        fusedops::attn::PrefillTraits<T, FA_HEAD_DIM, FA_BLOCK_M, FA_BLOCK_N, FA_SUB_N, FA_WARPS, 2>; \
+        fusedops::attn::PrefillTraits<T, FA_HEAD_DIM, FA_BLOCK_M, FA_BLOCK_N, FA_WARPS, 2>;           \
     extern "C" __global__ void __launch_bounds__(FA_WARPS * 32, FA_MIN_BLOCKS)                        \
         attention_prefill_##NAME(const __grid_constant__ AttentionPrefillParams p) {                 \
         fusedops::attn::prefill_attention<PrefillTraits_##NAME>(p);                                   \

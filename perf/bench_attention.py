@@ -15,12 +15,6 @@ from common import gemm_tflops, table, time_cuda
 from fusedops.ops import attention as A
 
 TOKENS, HQ, HKV = 16384, 32, 8
-# Timed beside the shipped tiles, not shipped: 128 rows x 64-key stages in 32-key steps halves the
-# barriers per key of 128x32x4 but spills (255 regs + 12 B in ptxas).
-EXPERIMENTAL = {128: (A.PrefillTile(128, 64, 32, 4, 1),)}
-for _d, _tiles in EXPERIMENTAL.items():
-    for _t in _tiles:
-        A.tile_source(_d, _t)
 SHAPES = [(1024, 128, True), (2048, 128, True), (4096, 128, True), (8192, 128, True),
           (8192, 128, False), (2048, 128, False), (4096, 64, True), (4096, 64, False)]
 
@@ -50,12 +44,12 @@ def bench(quick: bool):
         flops = 4 * b * HQ * s * s * d / (2 if causal else 1)
         tflops = lambda fn: flops / time_cuda(fn, reps=20) / 1e6 if fn else float("nan")  # noqa: E731
         ours = {t: tflops(lambda t=t: A.attention_prefill_cuda(q, k, v, None, None, causal, None, tile=t))
-                for t in A.PREFILL_TILES[d] + EXPERIMENTAL.get(d, ())}
-        best = max(A.PREFILL_TILES[d], key=ours.get)  # shipped tiles only
+                for t in A.PREFILL_TILES[d]}
+        best = max(ours, key=ours.get)
         flash = tflops(sdpa_backend(SDPBackend.FLASH_ATTENTION, q, k, v, causal))
         cudnn = tflops(sdpa_backend(SDPBackend.CUDNN_ATTENTION, q, k, v, causal))
         row = {"S": s, "D": d, "causal": "yes" if causal else "no", "fusedops TF/s": ours[best],
-               "tile (m,n,sub,warps,min_blocks)": label(best),
+               "tile (m,n,warps,min_blocks)": label(best),
                "FLASH TF/s": flash, "cuDNN TF/s": cudnn, "vs FLASH": ours[best] / flash,
                "vs cuDNN": ours[best] / cudnn, "% GEMM peak": 100 * ours[best] / peak,
                "other tiles": " ".join(f"{label(t)}:{v:.0f}" for t, v in ours.items() if t != best)}

@@ -124,7 +124,7 @@ def test_ptx_has_cp_async_mma_ldmatrix():
 
 
 @pytest.mark.nvcc
-@pytest.mark.parametrize("key", list(A.PREFILL_SOURCES), ids=lambda k: "d{}_m{}_n{}_s{}_w{}_b{}".format(k[0], *k[1]))
+@pytest.mark.parametrize("key", list(A.PREFILL_SOURCES), ids=lambda k: "d{}_m{}_n{}_w{}_b{}".format(k[0], *k[1]))
 def test_variant_builds_without_spills(key):
     path = compiler.build(A.PREFILL_SOURCES[key], "sm_90a")
     log = path.with_name(path.name + ".log").read_text()

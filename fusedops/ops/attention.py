@@ -37,20 +37,17 @@ from ._launch import DTYPE_SUFFIX, check_cuda, check_dtype, check_same_dtype, ke
 class PrefillTile(NamedTuple):
     block_m: int      # query rows per CTA
     block_n: int      # keys per pipeline stage
-    sub_n: int        # keys per softmax step (S registers); divides block_n
     warps: int
     min_blocks: int   # __launch_bounds__ minimum CTAs per SM (register cap)
 
 
 # head_dim -> tile variants; the first is the one the op uses, the others are benchmark candidates.
-# H100, 2026-11-25, causal S=8k, TFLOP/s: d128 128x32x4 277 > 64x64x4 250 > 128x64x8 248 (128x64x4
-# spills: 255 regs + 68 B); d64 128x64x4 245 > 64x64x4 227. No variant here spills (tests check).
+# No variant here spills (tests check); 128x64x4 at d128 would (255 regs + 624 B).
 PREFILL_TILES: dict[int, tuple[PrefillTile, ...]] = {
-    64: (PrefillTile(128, 64, 64, 4, 1), PrefillTile(128, 128, 64, 4, 1), PrefillTile(64, 64, 64, 4, 3),
-         PrefillTile(64, 32, 32, 4, 4)),
-    128: (PrefillTile(128, 32, 32, 4, 1), PrefillTile(64, 64, 64, 4, 1), PrefillTile(64, 32, 32, 4, 3),
-          PrefillTile(256, 32, 32, 8, 1)),
-    256: (PrefillTile(64, 32, 32, 4, 1), PrefillTile(64, 64, 32, 4, 1)),
+    64: (PrefillTile(128, 64, 4, 1), PrefillTile(64, 64, 4, 3), PrefillTile(64, 32, 4, 4)),
+    128: (PrefillTile(128, 32, 4, 1), PrefillTile(64, 64, 4, 1), PrefillTile(64, 32, 4, 3),
+          PrefillTile(256, 32, 8, 1)),
+    256: (PrefillTile(64, 32, 4, 1),),
 }
 PREFILL_STAGES = 2  # kStages in csrc/attention/prefill_traits.cuh
 DECODE_MAX_QUERIES = 8  # S at or below this goes to the decode kernel when it exists
@@ -62,8 +59,8 @@ PREFILL_SOURCES: dict = {}  # (head_dim, PrefillTile) -> KernelSource
 def tile_source(head_dim: int, tile: PrefillTile):
     """The compilation unit of one variant (registered once; benchmarks may add candidates)."""
     flags = (f"-DFA_HEAD_DIM={head_dim}", f"-DFA_BLOCK_M={tile.block_m}", f"-DFA_BLOCK_N={tile.block_n}",
-             f"-DFA_SUB_N={tile.sub_n}", f"-DFA_WARPS={tile.warps}", f"-DFA_MIN_BLOCKS={tile.min_blocks}")
-    name = "attention_prefill_d{}_m{}_n{}_s{}_w{}_b{}".format(head_dim, *tile)
+             f"-DFA_WARPS={tile.warps}", f"-DFA_MIN_BLOCKS={tile.min_blocks}")
+    name = "attention_prefill_d{}_m{}_n{}_w{}_b{}".format(head_dim, *tile)
     source = register_source(name, "attention_prefill.cu", flags=flags)
     PREFILL_SOURCES[(head_dim, tile)] = source
     return source
