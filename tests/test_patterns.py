@@ -150,6 +150,27 @@ def test_attention_near_misses():
     assert report.matches["attention"] == 0 and "additive float mask" in reasons(report, "attention")
 
 
+def two_layers_with_4x_mask(q, k, v, position):
+    """transformers 4.4x: one float causal mask built in the graph, sliced per layer, fed to SDPA."""
+    mask = torch.full((q.shape[2], k.shape[2]), torch.finfo(q.dtype).min, dtype=q.dtype)
+    mask *= torch.arange(k.shape[2]) > position.reshape(-1, 1)
+    mask = mask[None, None, :, :].expand(q.shape[0], 1, -1, -1)
+    out = q
+    for _ in range(2):
+        out = sdpa_with_repeat(out, k, v, mask[:, :, :, : k.shape[2]])
+    return out
+
+
+def test_float_mask_built_in_the_graph_becomes_one_bool_mask():
+    q, k, v, _ = _attention_inputs()
+    position = torch.arange(4, 10)
+    out, report = rewritten(two_layers_with_4x_mask, q, k, v, position)
+    assert report.matches["attention"] == 2
+    assert report.ops_after["eq"] == 1                     # one `mask == 0` serves both layers
+    assert report.ops_after["full"] == 1 and report.ops_after["imul"] == 1
+    assert rel_err(out, two_layers_with_4x_mask(q.double(), k.double(), v.double(), position)) <= 1e-5
+
+
 class GeluMlp(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -5,6 +5,7 @@
   eager: matmul(dropout(softmax(matmul(q, k^T) * scale [+ mask], -1, fp32).to(q.dtype)), v), where
          the additive mask is where(bool_mask, 0, min) built in the graph (the bool mask is used).
 
+Float masks become boolean ones where the graph proves it exact (masks.py).
 When k/v are a static cache written in this graph at positions `pos` (index_copy_ or
 rope_cache_write) and a boolean mask hides the unwritten tail, kv_len = pos[-1:] + 1 is passed so
 that decode reads only the filled part of the cache.
@@ -12,11 +13,12 @@ that decode reads only the filled part of the cache.
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from .base import Context
+from .masks import bool_mask
 from .nodes import arg, binary_operands, dtype, float_const, is_cast, kind, last_dim, same, shape, val
 
 OPS = torch.ops.fusedops
@@ -24,8 +26,6 @@ OPS = torch.ops.fusedops
 # The head dims csrc/attention/prefill_traits.cuh instantiates, and the dtypes its kernels take on CUDA.
 KERNEL_HEAD_DIMS = (64, 128, 192, 256)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-# An additive mask value at or below this is "never attend" (exp underflows to 0 in fp32 softmax).
-MASKED_BELOW = -1e4
 
 
 def strip_repeat_kv(node) -> Any:
@@ -53,32 +53,6 @@ def _cache_positions(ctx: Context) -> dict:
     return written
 
 
-def _is_zero(node) -> bool:
-    """0, torch.zeros(()) (transformers 5.2x) or torch.tensor(0.0) (5.1x)."""
-    if float_const(node) is not None:
-        return float_const(node) == 0.0
-    target = getattr(node, "target", None)
-    if target in (torch.zeros, torch.zeros_like):
-        return True
-    return target in (torch.tensor, torch.scalar_tensor) and bool(node.args) and float_const(node.args[0]) == 0.0
-
-
-def _bool_from_additive(ctx: Context, mask) -> Optional[Any]:
-    """The boolean mask behind an additive where(b, 0, min) mask (possibly sliced), else None."""
-    index = None
-    if kind(mask) == "getitem":  # HF 4.4x: attention_mask[:, :, :, : key_states.shape[-2]]
-        mask, index = mask.args
-    if not (mask is not None and getattr(mask, "target", None) is torch.where and len(mask.args) == 3):
-        return None
-    cond, zero, low = mask.args
-    low_val = float_const(low)
-    if dtype(cond) != torch.bool or not _is_zero(zero) or low_val is None or low_val > MASKED_BELOW:
-        return None
-    if index is None:
-        return cond
-    return ctx.call(operator.getitem, (cond, index), mask.next)
-
-
 class AttentionPattern:
     names = ("attention",)
 
@@ -97,8 +71,11 @@ class AttentionPattern:
             ctx.report.near_miss("attention", node, "dropout_p is not 0")
             return
         if mask is not None and dtype(mask) != torch.bool:
-            ctx.report.near_miss("attention", node, f"{dtype(mask)} attn_mask (only boolean masks)")
-            return
+            float_mask, mask = mask, bool_mask(ctx, mask, node)
+            if mask is None:
+                ctx.report.near_miss("attention", node, f"{dtype(float_mask)} attn_mask whose values are not "
+                                                        f"provably 0 / masked (not built in this graph)")
+                return
         self._emit(ctx, node, q, k, v, mask, arg(node, 6, "scale"), bool(arg(node, 5, "is_causal", False)),
                    positions, "sdpa", [])
 
@@ -124,9 +101,8 @@ class AttentionPattern:
         if kind(scores) == "add" and binary_operands(scores):
             a, b = scores.args
             scores, additive = (a, b) if kind(a) in ("mul", "div", "matmul") else (b, a)
-            walked += [scores, additive] + [n for n in getattr(additive, "all_input_nodes", ())
-                                            if n.op == "call_function"]
-            mask = _bool_from_additive(ctx, additive)
+            walked.append(scores)
+            mask = bool_mask(ctx, additive, node)
             if mask is None:
                 ctx.report.near_miss("attention", node, "additive float mask not built from a boolean mask "
                                                         "in this graph")

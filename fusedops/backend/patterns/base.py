@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Node
 
 from ..report import Report
 from ..weights import PreparedWeight
-from .nodes import kind
+from .nodes import is_pure, kind
 
 
 class Context:
@@ -21,6 +21,7 @@ class Context:
         self.inputs = dict(zip(placeholders, example_inputs))
         self.prepared: list[PreparedWeight] = []
         self.consumed: list[Node] = []
+        self.memo: dict = {}  # per-graph results patterns share (e.g. one boolean mask per float mask)
         self._attr_count = collections.Counter()
 
     def order(self, node: Node) -> int:
@@ -77,13 +78,20 @@ class Context:
         return node
 
     def erase_dead(self) -> None:
-        """Erase matched nodes nobody uses any more (only those: the graph's own mutations stay)."""
+        """Erase matched nodes nobody uses any more, then the pure nodes that only fed them (their
+        float masks, repeat_kv views, ...). In-place ops and the graph's own mutations stay."""
         order = {n: i for i, n in enumerate(self.graph.nodes)}
         pending = sorted({n for n in self.consumed if n in order}, key=order.get, reverse=True)
-        for node in pending:
-            if not node.users:
-                self.graph.erase_node(node)
-        self.consumed = [n for n in self.consumed if n in order and n.users]
+        erased = set()
+        while pending:
+            node = pending.pop(0)
+            if node in erased or node.users:
+                continue
+            inputs = node.all_input_nodes
+            self.graph.erase_node(node)
+            erased.add(node)
+            pending += [n for n in inputs if not n.users and is_pure(n) and n not in erased]
+        self.consumed = [n for n in self.consumed if n not in erased and n.users]
 
 
 def op_counts(gm: GraphModule) -> collections.Counter:

@@ -12,7 +12,7 @@ from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _FUNCTIONS = {
-    operator.add: "add", torch.add: "add", operator.iadd: "add",
+    operator.add: "add", torch.add: "add",
     operator.mul: "mul", torch.mul: "mul",
     operator.truediv: "div", torch.div: "div",
     operator.neg: "neg", torch.neg: "neg",
@@ -30,6 +30,16 @@ _METHODS = {"add": "add", "mul": "mul", "div": "div", "neg": "neg", "__neg__": "
             "type_as": "to", "softmax": "softmax", "transpose": "transpose", "view": "view",
             "reshape": "view", "expand": "expand", "unsqueeze": "unsqueeze", "contiguous": "contiguous",
             "index_copy_": "index_copy_", "matmul": "matmul"}
+
+
+# tensor factories the mask and position code uses; with `kind` these make up the ops known to be pure
+_PURE_FACTORIES = (torch.where, torch.full, torch.zeros, torch.tensor, torch.scalar_tensor, torch.arange,
+                   operator.eq)
+
+
+def is_pure(node: Node) -> bool:
+    """No side effects: safe to erase once unused (in-place methods and index_copy_ are not)."""
+    return (kind(node) not in (None, "index_copy_")) or (node.op == "call_function" and node.target in _PURE_FACTORIES)
 
 
 def kind(node: Any) -> Optional[str]:
