@@ -32,21 +32,19 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const typename Tr::T* b
     }
 }
 
-// ldmatrix addresses with two registers per operand: a fragment's rows differ from the lane's row by
-// multiples of 8 (row % 8 = lane % 8 fixed), and for chunk 2 pair + lo (lo in {0, 1}),
-// (2 pair + lo) ^ r = (2 pair ^ (r & 6)) + ((lo ^ r) & 1); so offset = base + ((32 pair) ^ hi) with
-// base and hi = 16 (r & 6) per lane, and the pair / row steps as immediates.
+// ldmatrix addresses without a register per (row, chunk) pair: a fragment's rows differ from the
+// lane's row by multiples of 8 (row % 8 fixed), and chunk (4j + i) ^ (row % 8) = 8 (j / 2) + ((2i + lo) ^
+// (row % 8)) for lo in {0, 1}; so 4 per-lane offsets plus compile-time constants cover the tile.
 template <class Tr>
 struct FragmentOffsets {
-    uint32_t base, hi;
+    uint32_t off[4];
     __device__ __forceinline__ FragmentOffsets(int row, int chunk_lo) {
-        const int r = row & 7;
-        base = (row * Tr::kChunks + ((chunk_lo ^ r) & 1)) * 16;
-        hi = (r & 6) * 16;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) off[i] = swizzled_offset<Tr::kChunks>(row, 2 * i + chunk_lo);
     }
     // Byte offset of chunk pair `pair` (chunks 2 pair + {0, 1}) in the row `rows_down` below the lane's.
     __device__ __forceinline__ uint32_t at(int rows_down, int pair) const {
-        return base + ((pair * 32) ^ hi) + rows_down * Tr::kChunks * 16;
+        return off[pair % 4] + (pair / 4) * 128 + rows_down * Tr::kChunks * 16;
     }
 };
 
@@ -72,6 +70,23 @@ __device__ __forceinline__ void gemm_qk(float (&s)[Tr::kMTiles][Tr::kNTiles][4],
     }
 }
 
+// P as mma A fragments, straight from the S accumulators (the C layout of two n8 tiles is the A
+// layout of one k16 step), rounded to T.
+template <class Tr>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[Tr::kMTiles][Tr::kBlockN / 16][4],
+                                       const float (&p)[Tr::kMTiles][Tr::kNTiles][4]) {
+    using T = typename Tr::T;
+#pragma unroll
+    for (int mi = 0; mi < Tr::kMTiles; ++mi)
+#pragma unroll
+        for (int kk = 0; kk < Tr::kBlockN / 16; ++kk) {
+            pa[mi][kk][0] = pack2<T>(p[mi][2 * kk][0], p[mi][2 * kk][1]);
+            pa[mi][kk][1] = pack2<T>(p[mi][2 * kk][2], p[mi][2 * kk][3]);
+            pa[mi][kk][2] = pack2<T>(p[mi][2 * kk + 1][0], p[mi][2 * kk + 1][1]);
+            pa[mi][kk][3] = pack2<T>(p[mi][2 * kk + 1][2], p[mi][2 * kk + 1][3]);
+        }
+}
+
 // o[mi][di] += P V[tile].
 template <class Tr>
 __device__ __forceinline__ void gemm_pv(float (&o)[Tr::kMTiles][Tr::kDTiles][4],
@@ -94,8 +109,9 @@ __device__ __forceinline__ void gemm_pv(float (&o)[Tr::kMTiles][Tr::kDTiles][4],
 
 // What one CTA sees of its (batch, head): lengths and the causal offset of its sequence.
 struct Span {
-    int key_end;       // keys >= key_end are invisible (Skv, clipped by kv_len)
-    int causal_shift;  // query i sees key j <= i + causal_shift (kv_len or Skv, minus S)
+    int seqlen_q;
+    int key_end;         // keys >= key_end are invisible (Skv, clipped by kv_len)
+    int64_t causal_shift;  // query i sees key j <= i + causal_shift (kv_len or Skv, minus S)
 };
 
 __device__ __forceinline__ Span make_span(const AttentionPrefillParams& p, int batch, int seqlen_q, int seqlen_k) {
@@ -105,57 +121,11 @@ __device__ __forceinline__ Span make_span(const AttentionPrefillParams& p, int b
         length = p.kv_len_is_int64 ? static_cast<const int64_t*>(p.kv_len)[i]
                                    : static_cast<int64_t>(static_cast<const int32_t*>(p.kv_len)[i]);
     }
-    // Clamped to [-1, Skv + S] the visible set is unchanged, and every index fits in 32 bits.
-    const int64_t upper = static_cast<int64_t>(seqlen_k) + seqlen_q;
-    const int clamped = static_cast<int>(length < -1 ? -1 : (length > upper ? upper : length));
-    return {clamped < 0 ? 0 : min(clamped, seqlen_k), clamped - seqlen_q};
-}
-
-template <int kM, int kN>
-__device__ __forceinline__ void clear(float (&s)[kM][kN][4]) {
-#pragma unroll
-    for (int mi = 0; mi < kM; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < kN; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[mi][ni][e] = 0.f;
-}
-
-template <int kM, int kN>
-__device__ __forceinline__ void copy(float (&dst)[kM][kN][4], const float (&src)[kM][kN][4]) {
-#pragma unroll
-    for (int mi = 0; mi < kM; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < kN; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dst[mi][ni][e] = src[mi][ni][e];
-}
-
-// -inf where a key is invisible: past key_end, above the causal diagonal, or masked off.
-// row0: the warp's first query row; n0: the tile's first key. The mask pointer is formed here, off
-// the hot path, so it holds no registers across the main loop.
-template <class Tr>
-__device__ __forceinline__ void mask_tile(float (&s)[Tr::kMTiles][Tr::kNTiles][4], const AttentionPrefillParams& p,
-                                          const Span& span, int batch, int head, int row0, int n0, int seqlen_q,
-                                          int lane) {
-    const uint8_t* mask = p.mask == nullptr ? nullptr : p.mask + batch * p.mask_batch + head * p.mask_head;
-#pragma unroll
-    for (int mi = 0; mi < Tr::kMTiles; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = row0 + mi * 16 + (lane >> 2) + 8 * h;
-            const int causal_end = row + span.causal_shift;  // last visible key
-#pragma unroll
-            for (int ni = 0; ni < Tr::kNTiles; ++ni)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = n0 + ni * 8 + 2 * (lane & 3) + e;
-                    bool visible = col < span.key_end && row < seqlen_q;
-                    if (p.is_causal) visible = visible && col <= causal_end;
-                    if (mask != nullptr && visible) visible = mask[row * p.mask_row + col * p.mask_col] != 0;
-                    if (!visible) s[mi][ni][2 * h + e] = -INFINITY;
-                }
-        }
+    Span span;
+    span.seqlen_q = seqlen_q;
+    span.key_end = static_cast<int>(length < 0 ? 0 : (length < seqlen_k ? length : seqlen_k));
+    span.causal_shift = length - seqlen_q;
+    return span;
 }
 
 template <class Tr>
@@ -171,24 +141,26 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
     const int warp_row0 = warp * Tr::kRowsPerWarp;
 
     int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
-    int q_start = 0, k_start = 0;  // first row of this sequence (varlen packing: int32 offsets)
+    int64_t q_start = 0, k_start = 0;  // first row of this sequence (varlen packing)
     if (p.cu_seqlens_q != nullptr) {
         q_start = p.cu_seqlens_q[batch];
         k_start = p.cu_seqlens_k[batch];
-        seqlen_q = p.cu_seqlens_q[batch + 1] - q_start;
-        seqlen_k = p.cu_seqlens_k[batch + 1] - k_start;
+        seqlen_q = p.cu_seqlens_q[batch + 1] - static_cast<int>(q_start);
+        seqlen_k = p.cu_seqlens_k[batch + 1] - static_cast<int>(k_start);
     }
     const int m0 = m_block * Tr::kBlockM;
     if (m0 >= seqlen_q) return;
     const Span span = make_span(p, batch, seqlen_q, seqlen_k);
 
     // Key tiles this query tile can see at all.
-    const int key_stop = p.is_causal ? min(span.key_end, m0 + Tr::kBlockM + span.causal_shift) : span.key_end;
-    const int n_blocks = key_stop <= 0 ? 0 : (key_stop + Tr::kBlockN - 1) / Tr::kBlockN;
+    int64_t key_stop = span.key_end;
+    if (p.is_causal) key_stop = min(key_stop, m0 + Tr::kBlockM + span.causal_shift);
+    const int n_blocks = key_stop <= 0 ? 0 : static_cast<int>((key_stop + Tr::kBlockN - 1) / Tr::kBlockN);
 
     const T* q = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head + (q_start + m0) * p.q_row;
     const T* k = static_cast<const T*>(p.k) + batch * p.k_batch + kv_head * p.k_head + k_start * p.k_row;
     const T* v = static_cast<const T*>(p.v) + batch * p.v_batch + kv_head * p.v_head + k_start * p.v_row;
+    const uint8_t* mask = p.mask == nullptr ? nullptr : p.mask + batch * p.mask_batch + head * p.mask_head;
 
     const uint32_t sq = smem_address(smem);
     auto sk = [&](int stage) { return sq + Tr::kTileQBytes + stage * Tr::kStageBytes; };
@@ -208,44 +180,63 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
             for (int e = 0; e < 4; ++e) o[mi][di][e] = 0.f;
     OnlineSoftmax<kMTiles, kNTiles, kDTiles> softmax;
 
-    // Pipeline: K_j lives in stage j % 2 of the K ring, V_j in stage j % 2 of the V ring. Iteration j
-    // issues S_{j+1} = Q K_{j+1}^T on the tensor cores first, then runs the softmax of S_j (no
-    // dependence on those mmas, so the two overlap within each warp), then O += P_j V_j; the copies
-    // of K_{j+2} and V_{j+1} fly meanwhile. One barrier per key tile.
-    float s[kMTiles][kNTiles][4];
     if (n_blocks > 0) {
         load_tile<Tr, Tr::kBlockM>(sq, q, p.q_row, 0, seqlen_q - m0);
         load_tile<Tr, Tr::kBlockN>(sk(0), k, p.k_row, (n_blocks - 1) * Tr::kBlockN, span.key_end);
         cp_async_commit();
-        if (n_blocks > 1) load_tile<Tr, Tr::kBlockN>(sk(1), k, p.k_row, (n_blocks - 2) * Tr::kBlockN, span.key_end);
         load_tile<Tr, Tr::kBlockN>(sv(0), v, p.v_row, (n_blocks - 1) * Tr::kBlockN, span.key_end);
         cp_async_commit();
-        cp_async_wait<1>();  // Q and K_0
-        __syncthreads();
-        clear(s);
-        gemm_qk<Tr>(s, sq, sk(0), q_frag, k_frag);
     }
 
     for (int j = 0; j < n_blocks; ++j) {
         const int n_block = n_blocks - 1 - j, stage = j & 1;
         const int n0 = n_block * Tr::kBlockN;
-        cp_async_wait<0>();  // K_{j+1} and V_j landed
-        __syncthreads();     // ... for every thread; every warp is done with K_j and V_{j-1}
-        if (n_block >= 2) load_tile<Tr, Tr::kBlockN>(sk(stage), k, p.k_row, n0 - 2 * Tr::kBlockN, span.key_end);
-        if (n_block >= 1) load_tile<Tr, Tr::kBlockN>(sv(stage ^ 1), v, p.v_row, n0 - Tr::kBlockN, span.key_end);
+        __syncthreads();  // every warp is done with the other stage (read in iteration j - 1)
+        if (n_block > 0) load_tile<Tr, Tr::kBlockN>(sk(stage ^ 1), k, p.k_row, n0 - Tr::kBlockN, span.key_end);
         cp_async_commit();
+        if (n_block > 0) load_tile<Tr, Tr::kBlockN>(sv(stage ^ 1), v, p.v_row, n0 - Tr::kBlockN, span.key_end);
+        cp_async_commit();
+        cp_async_wait<3>();  // this stage's K (and Q) landed; V and the next tile may still fly
+        __syncthreads();
 
-        float s_next[kMTiles][kNTiles][4];
-        clear(s_next);
-        if (n_block >= 1) gemm_qk<Tr>(s_next, sq, sk(stage ^ 1), q_frag, k_frag);
+        float s[kMTiles][kNTiles][4];
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < kNTiles; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mi][ni][e] = 0.f;
+        gemm_qk<Tr>(s, sq, sk(stage), q_frag, k_frag);
 
         const bool partial = n0 + Tr::kBlockN > span.key_end ||
                              (p.is_causal && n0 + Tr::kBlockN - 1 > m0 + span.causal_shift);
-        if (partial || p.mask != nullptr) mask_tile<Tr>(s, p, span, batch, head, m0 + warp_row0, n0, seqlen_q, lane);
+        if (partial || mask != nullptr) {
+#pragma unroll
+            for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = m0 + warp_row0 + mi * 16 + (lane >> 2) + 8 * h;
+                    const int64_t causal_end = row + span.causal_shift;  // last visible key
+#pragma unroll
+                    for (int ni = 0; ni < kNTiles; ++ni)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int col = n0 + ni * 8 + 2 * (lane & 3) + e;
+                            bool visible = col < span.key_end && row < seqlen_q;
+                            if (p.is_causal) visible = visible && col <= causal_end;
+                            if (mask != nullptr && visible)
+                                visible = mask[row * p.mask_row + col * p.mask_col] != 0;
+                            if (!visible) s[mi][ni][2 * h + e] = -INFINITY;
+                        }
+                }
+        }
+        softmax.update(s, o, p.scale_log2);
         uint32_t pa[kMTiles][Tr::kBlockN / 16][4];
-        softmax.template update<T>(s, o, pa, p.scale_log2);
+        pack_p<Tr>(pa, s);
+
+        cp_async_wait<2>();  // this stage's V landed
+        __syncthreads();
         gemm_pv<Tr>(o, pa, sv(stage), v_frag);
-        copy(s, s_next);
     }
 
     // Epilogue: normalize, stage O through the (now free) Q tile, write 16-byte rows.

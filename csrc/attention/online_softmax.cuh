@@ -33,57 +33,38 @@ struct OnlineSoftmax {
             }
     }
 
-    // p = exp2(s * scale_log2 - max * scale_log2), written straight into mma A fragments of type T
-    // (the C layout of n8 tiles 2kk, 2kk+1 is the A layout of k16 step kk) so s dies early; o is
-    // rescaled for the new maxima. Phases run over all rows at once, so shuffles and exp2 of
-    // different rows overlap; the one branch (skip the rescale when no row max moved) comes last.
-    template <typename T>
-    __device__ __forceinline__ void update(const float (&s)[kMTiles][kNTiles][4], float (&o)[kMTiles][kDTiles][4],
-                                           uint32_t (&pa)[kMTiles][kNTiles / 2][4], float scale_log2) {
-        float mx[kMTiles][2], max_scaled[kMTiles][2], correction[kMTiles][2];
+    // s becomes p = exp2(s * scale_log2 - max * scale_log2); o is rescaled for the new maxima.
+    __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&o)[kMTiles][kDTiles][4],
+                                           float scale_log2) {
 #pragma unroll
         for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                mx[mi][h] = row_max[mi][h];
+                float mx = row_max[mi][h];
 #pragma unroll
                 for (int ni = 0; ni < kNTiles; ++ni)
-                    mx[mi][h] = fmaxf(mx[mi][h], fmaxf(s[mi][ni][2 * h], s[mi][ni][2 * h + 1]));
-            }
-        bool moved = false;
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                mx[mi][h] = quad_max(mx[mi][h]);
+                    mx = fmaxf(mx, fmaxf(s[mi][ni][2 * h], s[mi][ni][2 * h + 1]));
+                mx = quad_max(mx);
                 // A row with nothing visible yet keeps max = -inf: subtract 0 so exp2 gives 0, not NaN.
-                max_scaled[mi][h] = mx[mi][h] == -INFINITY ? 0.f : mx[mi][h] * scale_log2;
-                correction[mi][h] = fast_exp2(row_max[mi][h] * scale_log2 - max_scaled[mi][h]);
-                moved |= mx[mi][h] != row_max[mi][h];
-                row_max[mi][h] = mx[mi][h];
-            }
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
+                const float max_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+                const float correction = fast_exp2(row_max[mi][h] * scale_log2 - max_scaled);
+                row_max[mi][h] = mx;
                 float sum = 0.f;
 #pragma unroll
-                for (int ni = 0; ni < kNTiles; ++ni) {
-                    const float p0 = fast_exp2(fmaf(s[mi][ni][2 * h], scale_log2, -max_scaled[mi][h]));
-                    const float p1 = fast_exp2(fmaf(s[mi][ni][2 * h + 1], scale_log2, -max_scaled[mi][h]));
-                    pa[mi][ni / 2][(ni % 2) * 2 + h] = pack2<T>(p0, p1);
-                    sum += p0 + p1;
+                for (int ni = 0; ni < kNTiles; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = fast_exp2(fmaf(s[mi][ni][2 * h + e], scale_log2, -max_scaled));
+                        s[mi][ni][2 * h + e] = p;
+                        sum += p;
+                    }
+                row_sum[mi][h] = fmaf(row_sum[mi][h], correction, sum);
+#pragma unroll
+                for (int di = 0; di < kDTiles; ++di) {
+                    o[mi][di][2 * h] *= correction;
+                    o[mi][di][2 * h + 1] *= correction;
                 }
-                row_sum[mi][h] = fmaf(row_sum[mi][h], correction[mi][h], sum);
             }
-        if (moved) {  // the maxima rarely move once rows have seen a few tiles
-#pragma unroll
-            for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-                for (int di = 0; di < kDTiles; ++di)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) o[mi][di][e] *= correction[mi][e / 2];
-        }
     }
 };
 

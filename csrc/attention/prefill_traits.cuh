@@ -1,6 +1,6 @@
 // Compile-time shape of one prefill attention variant: head dim, Q/K tile sizes, warps, stages.
-// Each warp owns kBlockM / kWarps query rows (1 or 2 m16 tiles); K and V stream through rings of
-// kStages shared-memory tiles of kBlockN keys. The variant table lives in fusedops/ops/attention.py (PREFILL_TILES).
+// Each warp owns kBlockM / kWarps query rows (1 or 2 m16 tiles); K/V stream through kStages
+// shared-memory stages. The variant table lives in fusedops/ops/attention.py (PREFILL_TILES).
 #pragma once
 
 namespace fusedops::attn {
@@ -30,7 +30,7 @@ struct PrefillTraits {
     static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim 64, 128, 192 or 256");
     static_assert(kRowsPerWarp % 16 == 0 && kMTiles >= 1 && kMTiles <= 2, "16 or 32 rows per warp");
     static_assert(kBlockN % 16 == 0, "key tile is a multiple of the mma k (16)");
-    static_assert(kStages == 2, "the main loop's ring indices and wait counts assume 2 stages");
+    static_assert(kStages == 2, "the main loop's wait counts assume a 2-stage ring");
     static_assert((kBlockM * kChunks) % kThreads == 0 && (kBlockN * kChunks) % kThreads == 0,
                   "tile copies divide evenly over the threads");
     static_assert(kSmemSize <= 227 * 1024, "shared memory per CTA on sm_90");

@@ -42,11 +42,11 @@ class PrefillTile(NamedTuple):
 
 
 # head_dim -> tile variants; the first is the one the op uses, the others are benchmark candidates.
-# No variant here spills (tests check); 128x64x4 at d128 would (255 regs + 624 B).
+# H100, 2026-11-25, causal S=8k, TFLOP/s: d128 128x32x4 277 > 64x64x4 250 > 128x64x8 248 (128x64x4
+# spills: 255 regs + 84 B); d64 128x64x4 245 > 64x64x4 227. No variant here spills (tests check).
 PREFILL_TILES: dict[int, tuple[PrefillTile, ...]] = {
-    64: (PrefillTile(128, 64, 4, 1), PrefillTile(64, 64, 4, 3), PrefillTile(64, 32, 4, 4)),
-    128: (PrefillTile(128, 32, 4, 1), PrefillTile(64, 64, 4, 1), PrefillTile(64, 32, 4, 3),
-          PrefillTile(256, 32, 8, 1)),
+    64: (PrefillTile(128, 64, 4, 1), PrefillTile(64, 64, 4, 1)),
+    128: (PrefillTile(128, 32, 4, 1), PrefillTile(64, 64, 4, 1), PrefillTile(128, 64, 8, 1)),
     256: (PrefillTile(64, 32, 4, 1),),
 }
 PREFILL_STAGES = 2  # kStages in csrc/attention/prefill_traits.cuh
