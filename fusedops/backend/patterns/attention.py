@@ -17,15 +17,13 @@ from typing import Any
 
 import torch
 
+from ...ops.attention import cuda_unsupported
 from .base import Context
 from .masks import bool_mask
 from .nodes import arg, binary_operands, dtype, float_const, is_cast, kind, last_dim, same, shape, val
 
 OPS = torch.ops.fusedops
 
-# The head dims csrc/attention/prefill_traits.cuh instantiates, and the dtypes its kernels take on CUDA.
-KERNEL_HEAD_DIMS = (64, 128, 192, 256)
-KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def strip_repeat_kv(node) -> Any:
@@ -140,10 +138,9 @@ class AttentionPattern:
         if dtype(k) != dtype(q) or dtype(v) != dtype(q):
             ctx.report.near_miss("attention", node, "q/k/v dtypes differ")
             return
-        device = val(q).device
-        if device.type == "cuda" and (qs[3] not in KERNEL_HEAD_DIMS or dtype(q) not in KERNEL_DTYPES):
-            ctx.report.near_miss("attention", node, f"head_dim {qs[3]} / {dtype(q)} has no CUDA kernel "
-                                                    f"(head dims {KERNEL_HEAD_DIMS}, dtypes bf16/fp16)")
+        unsupported = cuda_unsupported(val(q), val(k)) if val(q).device.type == "cuda" else None
+        if unsupported:  # e.g. an fp32 model or head_dim 80: keep SDPA, which has kernels for them
+            ctx.report.near_miss("attention", node, unsupported)
             return
         if is_causal and not same(qs[2], ks[2]):
             ctx.report.near_miss("attention", node, "is_causal with q_len != kv_len (SDPA aligns top-left)")
