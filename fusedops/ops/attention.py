@@ -57,7 +57,7 @@ PREFILL_SOURCES: dict = {}  # (head_dim, PrefillTile) -> KernelSource
 
 
 def tile_source(head_dim: int, tile: PrefillTile):
-    """The compilation unit of one variant (registered once; benchmarks may add candidates)."""
+    """Register the compilation unit of one tile variant (-D flags select it in the .cu)."""
     flags = (f"-DFA_HEAD_DIM={head_dim}", f"-DFA_BLOCK_M={tile.block_m}", f"-DFA_BLOCK_N={tile.block_n}",
              f"-DFA_WARPS={tile.warps}", f"-DFA_MIN_BLOCKS={tile.min_blocks}")
     name = "attention_prefill_d{}_m{}_n{}_w{}_b{}".format(head_dim, *tile)
