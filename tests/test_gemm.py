@@ -124,7 +124,9 @@ def test_table_is_small_unique_and_shares_the_swiglu_block():
     assert len({v.name for v in VARIANTS}) == len(VARIANTS)
     assert {v.tile[1] // 2 for v in SWIGLU} == {gemm.GATE_UP_BLOCK}
     assert all(r.variant is None or r.variant in gemm.SOURCES for rs in gemm.ROUTES.values() for r in rs)
-    assert all(rs[-1].max_m >= 1 << 40 for rs in gemm.ROUTES.values()), "every M needs a route"
+    assert all(rs[-1].max_m >= 1 << 40 and rs[-1].max_k >= 1 << 40 for rs in gemm.ROUTES.values()), \
+        "every (M, K) needs a route"
+    assert gemm.route_for("linear_residual", 2048, 14336).variant is None  # down_proj stays on cuBLAS
 
 
 @pytest.mark.parametrize("kwargs, arg", [

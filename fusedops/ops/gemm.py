@@ -9,7 +9,7 @@
 block == I (the intermediate size) is plain concatenation [Wg; Wu]. The CUTLASS SwiGLU kernels need
 block == GATE_UP_BLOCK (half their tile N); any other block runs on cuBLAS.
 
-The CUDA path dispatches by token count M (ROUTES): a CUTLASS instantiation from
+The CUDA path dispatches by token count M and reduction size K (ROUTES): a CUTLASS instantiation from
 fusedops/gemm_codegen.py where it measured faster on the H100, cuBLAS (torch) otherwise, and cuBLAS
 for whatever CUTLASS cannot take (bias, non-bf16, misaligned rows). The direct entry points
 cutlass_linear / cutlass_gate_up_silu raise ValueError instead. Numbers: perf/notes/gemm.md.
@@ -38,30 +38,38 @@ GATE_UP_BLOCK = _SWIGLU_TILE_N.pop() // 2 if _SWIGLU_TILE_N else 0
 
 @dataclass(frozen=True)
 class Route:
-    """Which kernel serves token counts up to max_m, with its runtime tile-scheduler settings."""
+    """Which kernel serves token counts up to max_m (and reduction sizes up to max_k), with its
+    runtime tile-scheduler settings."""
     max_m: int
     variant: Optional[str]          # a VARIANTS name, or None for cuBLAS
     swizzle: int = 1
     raster: int = 0                 # 0 heuristic, 1 along M, 2 along N
     decomposition: int = 0          # stream-K variants: 0 heuristic, 1 data-parallel, 2 split-K, 3 stream-K
     splits: int = 1
+    max_k: int = 1 << 62
 
 
-_ALL_M = 1 << 62
+_ALL = 1 << 62
 _SWIGLU_SMALL = "gemm_swiglu_bf16_64x256x64_c2x1_pingpong_persistent"
 _SWIGLU_LARGE = "gemm_swiglu_bf16_128x256x64_c2x1_coop_persistent"
 _LINEAR_LARGE = "gemm_linear_bf16_128x256x64_c2x1_coop_persistent"
-# Per op, ascending max_m; from the H100 sweeps in perf/notes/gemm.md. At decode sizes cuBLAS's
-# split-K beats every linear instantiation here (0.5-0.9x), so those M stay on cuBLAS.
+# Per op, in order; the first route with m <= max_m and k <= max_k serves the call. From the H100
+# sweeps in perf/notes/gemm.md:
+# - gate_up_silu: ping-pong 1.00-1.15x the two-GEMM baseline at M <= 128 (~1.0 at 512); 128x256
+#   cooperative 1.02-1.07x at 2048; at 8192 it needs raster along M + swizzle 8 (1.04x, default 0.97x).
+# - linear: cuBLAS is faster for the plain GEMM on the qkv shape (CUTLASS 0.89-0.99x), so it keeps it.
+# - linear_residual: CUTLASS + fused add 1.09-1.11x at K=4096 (o_proj); at K=14336 (down_proj)
+#   0.90-1.03x, so long K and decode sizes (0.3-0.9x) stay on cuBLAS.
 ROUTES: dict[str, tuple[Route, ...]] = {
-    "linear": (Route(1024, None), Route(_ALL_M, _LINEAR_LARGE)),
-    "linear_residual": (Route(1024, None), Route(_ALL_M, _LINEAR_LARGE)),
-    "gate_up_silu": (Route(512, _SWIGLU_SMALL), Route(4096, _SWIGLU_LARGE), Route(_ALL_M, _SWIGLU_LARGE, swizzle=4)),
+    "linear": (Route(_ALL, None),),
+    "linear_residual": (Route(1024, None), Route(_ALL, _LINEAR_LARGE, max_k=8192), Route(_ALL, None)),
+    "gate_up_silu": (Route(512, _SWIGLU_SMALL), Route(4096, _SWIGLU_LARGE),
+                     Route(_ALL, _SWIGLU_LARGE, swizzle=8, raster=1)),
 }
 
 
-def route_for(op: str, m: int) -> Route:
-    return next(r for r in ROUTES[op] if m <= r.max_m)
+def route_for(op: str, m: int, k: int) -> Route:
+    return next(r for r in ROUTES[op] if m <= r.max_m and k <= r.max_k)
 
 
 def prepare_gate_up(w_gate: torch.Tensor, w_up: torch.Tensor, block: int) -> torch.Tensor:
@@ -244,7 +252,7 @@ def _cutlass_route(op: str, *operands: torch.Tensor) -> Optional[Route]:
     """The CUTLASS route for 2-D operands (x first), or None where cuBLAS serves the call: by M, by
     dtype or alignment, or on a device without the instantiations."""
     x = operands[0]
-    route = route_for(op, x.shape[0])
+    route = route_for(op, x.shape[0], x.shape[1])
     if route.variant is None or x.shape[0] == 0 or any(t.shape[-1] % 8 for t in operands):
         return None
     if any(_operand_problem("operand", t) for t in operands):
