@@ -28,7 +28,7 @@ class RewriteOptions:
     fusions: frozenset = ALL_FUSIONS   # names from ALL_FUSIONS; the others are left as traced
     dry_run: bool = False              # report what would be rewritten, return gm unchanged
     weight_mode: str = "alias"         # "alias": memory-neutral re-pointing, "copy": new tensors (weights.py)
-    gate_up_block: Optional[int] = None  # prepare_gate_up's block; None = the intermediate size ([Wg; Wu])
+    gate_up_block: Optional[int] = None  # prepare_gate_up's block; None = the GEMM dispatcher's (mlp.py)
 
     def __post_init__(self):
         object.__setattr__(self, "fusions", frozenset(self.fusions))

@@ -1,16 +1,26 @@
 """SwiGLU MLP: act(gate(x)) * up(x) with act = silu -> fusedops::gate_up_silu on one prepared weight
-(fusedops.ops.gemm.prepare_gate_up layout, block = RewriteOptions.gate_up_block or the intermediate
-size, i.e. plain [Wg; Wu]). down_proj is left to LinearResidualPattern."""
+(fusedops.ops.gemm.prepare_gate_up layout; block = RewriteOptions.gate_up_block, else what the GEMM
+dispatcher needs, see _default_block). down_proj is left to LinearResidualPattern."""
 from __future__ import annotations
 
 import torch
 
+from ...ops.gemm import GATE_UP_BLOCK
 from ..weights import STORE
 from .base import Context
 from .linear import linear_parts, weight_problem
 from .nodes import binary_operands, dtype, kind, only_user, shape, val
 
 OPS = torch.ops.fusedops
+
+
+def _default_block(x, inter: int) -> int:
+    """GATE_UP_BLOCK where the GEMM dispatcher routes gate_up_silu to its CUTLASS SwiGLU kernels
+    (bf16 on CUDA; costs a copy of Wg and Wu), else I: plain [Wg; Wu], which aliases for free."""
+    cutlass = val(x).device.type == "cuda" and dtype(x) == torch.bfloat16
+    if cutlass and GATE_UP_BLOCK and inter % GATE_UP_BLOCK == 0:
+        return GATE_UP_BLOCK
+    return inter
 
 
 class GateUpSiluPattern:
@@ -46,7 +56,7 @@ class GateUpSiluPattern:
         if problem is None and shape(w_gate) != shape(w_up):
             problem = f"gate {shape(w_gate)} and up {shape(w_up)} weights differ in shape"
         inter = shape(w_gate)[0] if problem is None else 0
-        block = ctx.options.gate_up_block or inter
+        block = ctx.options.gate_up_block or _default_block(x, inter)
         if problem is None and inter % block:
             problem = f"gate_up_block {block} does not divide the intermediate size {inter}"
         if problem:
