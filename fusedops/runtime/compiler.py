@@ -127,13 +127,24 @@ def local_includes(path: Path, seen: set[Path] | None = None) -> list[Path]:
     return found
 
 
+def _stable_name(path: Path) -> str:
+    """A header's name that is the same wherever the checkout lives (so a cache built on one machine
+    hits on another): relative to the project's source roots, else the file name alone."""
+    for root in (CSRC_DIR, TEMPLATES_DIR, REPO_ROOT):
+        try:
+            return str(path.resolve().relative_to(Path(root).resolve()))
+        except ValueError:
+            continue
+    return path.name
+
+
 def cache_key(src: KernelSource, arch: str) -> str:
     h = hashlib.sha256()
     for part in (src.name, arch, compiler_id(), " ".join(BASE_FLAGS + src.flags), str(src.shared_library)):
         h.update(part.encode() + b"\0")
     h.update(src.path.read_bytes())
     for header in local_includes(src.path):
-        h.update(str(header.relative_to(header.anchor)).encode() + b"\0")
+        h.update(_stable_name(header).encode() + b"\0")
         h.update(header.read_bytes())
     if src.uses_cutlass:
         h.update(cutlass_version().encode())
