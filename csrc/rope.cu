@@ -3,9 +3,9 @@
 // HF arithmetic, each step rounded to T as PyTorch does it: out = T( T(x * cos) + T(rotate(x) * sin) ),
 //   rotate_half: rotate(x)[j] = -x[j + D/2], rotate(x)[j + D/2] = x[j]    (j < D/2)
 //   interleaved (GPT-J): rotate(x)[2i] = -x[2i + 1], rotate(x)[2i + 1] = x[2i]
-// One CTA per token (b, s); thread (x, y) takes chunk x and heads y, y + blockDim.y, ... of q heads,
-// then k heads, then (cache mode) v heads. A chunk is two VEC-element vectors holding whole rotation
-// pairs: halves mode takes vectors at c*VEC and c*VEC + D/2, interleaved mode 2c*VEC and (2c+1)*VEC.
+// One CTA per token (b, s); its threads walk (head, chunk) pairs of q heads, then k heads, then
+// (cache mode) v heads. A chunk is two VEC-element vectors holding whole rotation pairs: halves mode
+// takes vectors at c*VEC and c*VEC + D/2, interleaved mode the neighbours 2c*VEC and (2c+1)*VEC.
 #include "common/vec.cuh"
 
 struct RopeParams {
@@ -34,32 +34,37 @@ struct RopeParams {
     int32_t positions_int64;
 };
 
-// Most threads per CTA (one token). A thread owns one chunk and HEADS_PER_THREAD heads per pass.
+// Threads per CTA (one token): Llama-3-8B has 40 heads x 8 chunks = 320 pairs per token in bf16.
 constexpr int kRopeThreads = 512;
-// Heads a thread loads before it stores any: 4 keeps 8 row vectors in flight a thread next to its cos/sin,
-// which it loads once for all its heads (was: one head a thread, cos/sin re-read per head; 86 % of copy).
-constexpr int kRopeHeadsPerThread = 4;
 
 namespace fusedops {
 
-// In place: (a, b) <- (a * cos_a + rotate(a, b) * sin_a, b * cos_b + rotate(b, a) * sin_b), HF rounding.
-template <typename T, int VEC, bool INTERLEAVED>
-__device__ __forceinline__ void rotate_vecs(Vec<T, VEC>& a, Vec<T, VEC>& b, const Vec<T, VEC>& ca, const Vec<T, VEC>& cb,
-                                            const Vec<T, VEC>& sa, const Vec<T, VEC>& sb) {
+template <typename T, int VEC>
+__device__ __forceinline__ void rotate_pair(const T* x, T* out, const T* c, const T* s, int64_t o0, int64_t o1,
+                                            bool interleaved) {
+    const Vec<T, VEC> a = load_vec<T, VEC>(x + o0), b = load_vec<T, VEC>(x + o1);
+    const Vec<T, VEC> ca = load_vec<T, VEC>(c + o0), cb = load_vec<T, VEC>(c + o1);
+    const Vec<T, VEC> sa = load_vec<T, VEC>(s + o0), sb = load_vec<T, VEC>(s + o1);
     Vec<T, VEC> ya, yb;
-    if constexpr (INTERLEAVED && VEC >= 2) {
+    if (interleaved) {
         // Pairs sit side by side inside each vector.
 #pragma unroll
         for (int j = 0; j < VEC; j += 2) {
-            const float a0 = to_float(a.v[j]), a1 = to_float(a.v[j + 1]);
-            const float b0 = to_float(b.v[j]), b1 = to_float(b.v[j + 1]);
-            ya.v[j] = from_float<T>(round_to<T>(a0 * to_float(ca.v[j])) + round_to<T>(-a1 * to_float(sa.v[j])));
-            ya.v[j + 1] = from_float<T>(round_to<T>(a1 * to_float(ca.v[j + 1])) + round_to<T>(a0 * to_float(sa.v[j + 1])));
-            yb.v[j] = from_float<T>(round_to<T>(b0 * to_float(cb.v[j])) + round_to<T>(-b1 * to_float(sb.v[j])));
-            yb.v[j + 1] = from_float<T>(round_to<T>(b1 * to_float(cb.v[j + 1])) + round_to<T>(b0 * to_float(sb.v[j + 1])));
+            if constexpr (VEC >= 2) {
+                const float a0 = to_float(a.v[j]), a1 = to_float(a.v[j + 1]);
+                const float b0 = to_float(b.v[j]), b1 = to_float(b.v[j + 1]);
+                ya.v[j] = from_float<T>(round_to<T>(a0 * to_float(ca.v[j])) + round_to<T>(-a1 * to_float(sa.v[j])));
+                ya.v[j + 1] = from_float<T>(round_to<T>(a1 * to_float(ca.v[j + 1])) + round_to<T>(a0 * to_float(sa.v[j + 1])));
+                yb.v[j] = from_float<T>(round_to<T>(b0 * to_float(cb.v[j])) + round_to<T>(-b1 * to_float(sb.v[j])));
+                yb.v[j + 1] = from_float<T>(round_to<T>(b1 * to_float(cb.v[j + 1])) + round_to<T>(b0 * to_float(sb.v[j + 1])));
+            }
+        }
+        if constexpr (VEC == 1) {  // scalar path: a and b are the pair itself
+            const float a0 = to_float(a.v[0]), b0 = to_float(b.v[0]);
+            ya.v[0] = from_float<T>(round_to<T>(a0 * to_float(ca.v[0])) + round_to<T>(-b0 * to_float(sa.v[0])));
+            yb.v[0] = from_float<T>(round_to<T>(b0 * to_float(cb.v[0])) + round_to<T>(a0 * to_float(sb.v[0])));
         }
     } else {
-        // Halves mode pairs a[j] with b[j]; so does the scalar interleaved path (a and b are the pair).
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             const float a0 = to_float(a.v[j]), b0 = to_float(b.v[j]);
@@ -67,73 +72,44 @@ __device__ __forceinline__ void rotate_vecs(Vec<T, VEC>& a, Vec<T, VEC>& b, cons
             yb.v[j] = from_float<T>(round_to<T>(b0 * to_float(cb.v[j])) + round_to<T>(a0 * to_float(sb.v[j])));
         }
     }
-    a = ya;
-    b = yb;
+    store_vec<T, VEC>(out + o0, ya);
+    store_vec<T, VEC>(out + o1, yb);
 }
 
-// Head h of the token counts q heads, then k heads, then v heads (cache mode).
-template <typename T>
-__device__ __forceinline__ const T* head_in(const RopeParams& p, int64_t b, int64_t s, int64_t h) {
-    if (h < p.q_heads) return static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + s * p.q_stride[2];
-    h -= p.q_heads;
-    if (h < p.kv_heads) return static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1] + s * p.k_stride[2];
-    h -= p.kv_heads;
-    return static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1] + s * p.v_stride[2];
-}
-
-template <typename T>
-__device__ __forceinline__ T* head_out(const RopeParams& p, int64_t b, int64_t s, int64_t s_out, int64_t h) {
-    if (h < p.q_heads)
-        return static_cast<T*>(p.q_out) + b * p.q_out_stride[0] + h * p.q_out_stride[1] + s * p.q_out_stride[2];
-    h -= p.q_heads;
-    if (h < p.kv_heads)
-        return static_cast<T*>(p.k_out) + b * p.k_out_stride[0] + h * p.k_out_stride[1] + s_out * p.k_out_stride[2];
-    h -= p.kv_heads;
-    return static_cast<T*>(p.v_out) + b * p.v_out_stride[0] + h * p.v_out_stride[1] + s_out * p.v_out_stride[2];
-}
-
-// One CTA per token: threadIdx.x walks chunks, threadIdx.y walks heads kRopeHeadsPerThread at a time.
 template <typename T, int VEC, bool INTERLEAVED>
 __device__ __forceinline__ void rope_token(const RopeParams& p) {
-    constexpr int HPT = kRopeHeadsPerThread;
     const int64_t token = blockIdx.x, b = token / p.seq, s = token % p.seq;
     const int chunks = static_cast<int>(p.head_dim / (2 * VEC));
     const bool cache_mode = p.positions != nullptr;
-    // The position is needed only by the k/v stores: its load overlaps the row loads below.
     int64_t s_out = s;
     if (cache_mode)
         s_out = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[s]
                                   : static_cast<const int32_t*>(p.positions)[s];
+    const bool write_kv = s_out >= 0 && (!cache_mode || s_out < p.cache_len);
     const T* c = static_cast<const T*>(p.cos) + b * p.cs_stride[0] + s * p.cs_stride[1];
     const T* sn = static_cast<const T*>(p.sin) + b * p.cs_stride[0] + s * p.cs_stride[1];
-    const int64_t heads = p.q_heads + p.kv_heads * (p.v_out != nullptr ? 2 : 1);
-    const int64_t rotated = p.q_heads + p.kv_heads;
-    for (int chunk = threadIdx.x; chunk < chunks; chunk += blockDim.x) {
+    const int heads = static_cast<int>(p.q_heads + p.kv_heads * (p.v_out != nullptr ? 2 : 1));
+    for (int i = threadIdx.x; i < heads * chunks; i += blockDim.x) {
+        const int h = i / chunks, chunk = i % chunks;
         const int64_t o0 = INTERLEAVED ? 2 * chunk * VEC : chunk * VEC;
         const int64_t o1 = INTERLEAVED ? o0 + VEC : o0 + p.head_dim / 2;
-        const Vec<T, VEC> ca = load_vec<T, VEC>(c + o0), cb = load_vec<T, VEC>(c + o1);
-        const Vec<T, VEC> sa = load_vec<T, VEC>(sn + o0), sb = load_vec<T, VEC>(sn + o1);
-        for (int64_t h0 = threadIdx.y; h0 < heads; h0 += blockDim.y * HPT) {
-            Vec<T, VEC> xa[HPT], xb[HPT];
-#pragma unroll
-            for (int j = 0; j < HPT; ++j) {
-                const int64_t h = h0 + j * blockDim.y;
-                if (h < heads) {
-                    const T* x = head_in<T>(p, b, s, h);
-                    xa[j] = load_vec<T, VEC>(x + o0);
-                    xb[j] = load_vec<T, VEC>(x + o1);
-                }
-            }
-            const bool write_kv = s_out >= 0 && (!cache_mode || s_out < p.cache_len);
-#pragma unroll
-            for (int j = 0; j < HPT; ++j) {
-                const int64_t h = h0 + j * blockDim.y;
-                if (h >= heads || (h >= p.q_heads && !write_kv)) continue;
-                if (h < rotated) rotate_vecs<T, VEC, INTERLEAVED>(xa[j], xb[j], ca, cb, sa, sb);
-                T* out = head_out<T>(p, b, s, s_out, h);
-                store_vec<T, VEC>(out + o0, xa[j]);
-                store_vec<T, VEC>(out + o1, xb[j]);
-            }
+        if (h < p.q_heads) {
+            const T* x = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + s * p.q_stride[2];
+            T* out = static_cast<T*>(p.q_out) + b * p.q_out_stride[0] + h * p.q_out_stride[1] + s * p.q_out_stride[2];
+            rotate_pair<T, VEC>(x, out, c, sn, o0, o1, INTERLEAVED);
+        } else if (!write_kv) {
+            continue;
+        } else if (h < p.q_heads + p.kv_heads) {
+            const int64_t hk = h - p.q_heads;
+            const T* x = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + s * p.k_stride[2];
+            T* out = static_cast<T*>(p.k_out) + b * p.k_out_stride[0] + hk * p.k_out_stride[1] + s_out * p.k_out_stride[2];
+            rotate_pair<T, VEC>(x, out, c, sn, o0, o1, INTERLEAVED);
+        } else {
+            const int64_t hv = h - p.q_heads - p.kv_heads;
+            const T* x = static_cast<const T*>(p.v) + b * p.v_stride[0] + hv * p.v_stride[1] + s * p.v_stride[2];
+            T* out = static_cast<T*>(p.v_out) + b * p.v_out_stride[0] + hv * p.v_out_stride[1] + s_out * p.v_out_stride[2];
+            store_vec<T, VEC>(out + o0, load_vec<T, VEC>(x + o0));
+            store_vec<T, VEC>(out + o1, load_vec<T, VEC>(x + o1));
         }
     }
 }

@@ -15,8 +15,7 @@ from ..runtime import register_source
 from ._launch import DTYPE_SUFFIX, aligned16, check_cuda, check_dtype, check_same_dtype, kernel
 
 SOURCE = register_source("rope", "rope.cu")
-THREADS = 512         # kRopeThreads in csrc/rope.cu
-HEADS_PER_THREAD = 4  # kRopeHeadsPerThread
+THREADS = 512  # kRopeThreads in csrc/rope.cu
 
 _I64x3 = ctypes.c_int64 * 3
 
@@ -117,13 +116,6 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def cta_shape(chunks: int, heads: int) -> tuple[int, int]:
-    """(chunks, head groups) threads of a one-token CTA: every thread has HEADS_PER_THREAD heads (the
-    last group fewer) unless the CTA would pass THREADS."""
-    x = min(chunks, THREADS)
-    return x, max(1, min(-(-heads // HEADS_PER_THREAD), THREADS // x))
-
-
 def _launch(q, k, v, cos, sin, q_out, k_out, v_out, positions, interleaved: bool) -> None:
     b, hq, s, d = q.shape
     hkv = k.shape[1]
@@ -138,7 +130,7 @@ def _launch(q, k, v, cos, sin, q_out, k_out, v_out, positions, interleaved: bool
         *tensors, cos, sin)
     chunks = d // (2 * vec) if vector_ok else d // 2
     heads = hq + hkv * (2 if v_out is not None else 1)
-    block = cta_shape(chunks, heads)
+    threads = min(THREADS, (heads * chunks + 31) // 32 * 32)
     none3 = (0, 0, 0)
     params = RopeParams(
         q_out.data_ptr(), k_out.data_ptr(), v_out.data_ptr() if v_out is not None else None,
@@ -152,7 +144,7 @@ def _launch(q, k, v, cos, sin, q_out, k_out, v_out, positions, interleaved: bool
         (ctypes.c_int64 * 2)(0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1)),
         int(positions is not None and positions.dtype == torch.int64))
     name = f"rope_{DTYPE_SUFFIX[q.dtype]}_{'inter' if interleaved else 'half'}_{'v' if vector_ok else 's'}"
-    kernel(SOURCE, name, RopeParams, q.device).launch((b * s,), block, params)
+    kernel(SOURCE, name, RopeParams, q.device).launch((b * s,), (threads,), params)
 
 
 @rope.register_kernel("cuda")
