@@ -2,7 +2,6 @@
 // inputs: fp32 statistics (biased variance), fp32 affine, one rounding at the end:
 //   y = T( (x - mean) * rsqrt(var + eps) * w + b ),  w = 1 and b = 0 when absent.
 // Two-pass statistics (mean, then the mean of (x - mean)^2), exact in registers.
-// w<ITEMS>: one warp per row, several rows a CTA (short rows: 768 bf16 is 3 vectors a lane).
 // One CTA per row: c<ITEMS> keep the row (and w, b) in registers; sv / s1 stream the row three times
 // (the re-reads are served from L1/L2), with 16-byte vectors or element by element.
 #include "common/reduce.cuh"
@@ -21,7 +20,6 @@ struct LayerNormParams {
 };
 
 constexpr int kCachedThreads = 512;  // 128 registers a thread: c4 holds 4 row + 8 affine vectors (c8 spilled)
-constexpr int kWarpRowThreads = 256; // most threads of a warp-per-row CTA (WARP_ROW_THREADS in the op)
 
 namespace fusedops {
 
@@ -44,22 +42,15 @@ __device__ __forceinline__ void normalize_store(T* out, int64_t i, const Vec<T, 
     store_vec<T, VEC>(out + i * VEC, y);
 }
 
-// The row (and w, b) in ITEMS vectors a thread, loaded before the reductions. WARP: one warp per row
-// (threads stride 32, shuffle reductions, no barrier) for short rows; else the whole CTA.
-template <typename T, int VEC, int ITEMS, bool WARP>
+template <typename T, int VEC, int ITEMS>
 __device__ __forceinline__ void layernorm_cached(const LayerNormParams& p, const T* x, T* out) {
     __shared__ float scratch[32];
     const int nvec = static_cast<int>(p.hidden / VEC);
-    const int first = WARP ? threadIdx.x & 31 : threadIdx.x, stride = WARP ? 32 : blockDim.x;
-    const auto reduce = [&](float v) {
-        if constexpr (WARP) return warp_sum(v);
-        else return block_sum(v, scratch);
-    };
     Vec<T, VEC> xv[ITEMS], wv[ITEMS], bv[ITEMS];
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-        const int idx = first + i * stride;
+        const int idx = threadIdx.x + i * blockDim.x;
         if (idx < nvec) {
             xv[i] = load_vec<T, VEC>(x + idx * VEC);
             wv[i] = load_or<T, VEC>(p.weight, idx, 1.f);
@@ -68,20 +59,20 @@ __device__ __forceinline__ void layernorm_cached(const LayerNormParams& p, const
             for (int j = 0; j < VEC; ++j) sum += to_float(xv[i].v[j]);
         }
     }
-    const float mean = reduce(sum) / static_cast<float>(p.hidden);
+    const float mean = block_sum(sum, scratch) / static_cast<float>(p.hidden);
     float sq = 0.f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i)
-        if (first + i * stride < nvec)
+        if (threadIdx.x + i * blockDim.x < nvec)
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 const float d = to_float(xv[i].v[j]) - mean;
                 sq += d * d;
             }
-    const float rstd = rsqrtf(reduce(sq) / static_cast<float>(p.hidden) + p.eps);
+    const float rstd = rsqrtf(block_sum(sq, scratch) / static_cast<float>(p.hidden) + p.eps);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-        const int idx = first + i * stride;
+        const int idx = threadIdx.x + i * blockDim.x;
         if (idx < nvec) normalize_store<T, VEC>(out, idx, xv[i], wv[i], bv[i], mean, rstd);
     }
 }
@@ -112,35 +103,28 @@ __device__ __forceinline__ void layernorm_streaming(const LayerNormParams& p, co
                                 load_or<T, VEC>(p.bias, idx, 0.f), mean, rstd);
 }
 
-// ITEMS > 0: cached (WARP: row blockIdx.x * warps + warp); ITEMS == 0: streaming. One CTA per row otherwise.
-template <typename T, int VEC, int ITEMS, bool WARP>
+template <typename T, int VEC, int ITEMS>
 __device__ __forceinline__ void layernorm_row(const LayerNormParams& p) {
-    const int64_t r = WARP ? static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5) : blockIdx.x;
-    if (WARP && r >= p.rows) return;  // whole warps leave; the warp path has no barrier
-    const T* x = static_cast<const T*>(p.x) + r * p.x_row_stride;
-    T* out = static_cast<T*>(p.out) + r * p.out_row_stride;
+    const T* x = static_cast<const T*>(p.x) + blockIdx.x * p.x_row_stride;
+    T* out = static_cast<T*>(p.out) + blockIdx.x * p.out_row_stride;
     if constexpr (ITEMS > 0)
-        layernorm_cached<T, VEC, ITEMS, WARP>(p, x, out);
+        layernorm_cached<T, VEC, ITEMS>(p, x, out);
     else
         layernorm_streaming<T, VEC>(p, x, out);
 }
 
 }  // namespace fusedops
 
-#define FUSEDOPS_LAYERNORM_KERNEL(T, NAME, SUFFIX, VEC, ITEMS, WARP, MAX_THREADS)                           \
+#define FUSEDOPS_LAYERNORM_KERNEL(T, NAME, SUFFIX, VEC, ITEMS, MAX_THREADS)                                  \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) layernorm_##NAME##_##SUFFIX(const __grid_constant__ LayerNormParams p) { \
-        fusedops::layernorm_row<T, VEC, ITEMS, WARP>(p);                                                    \
+        fusedops::layernorm_row<T, VEC, ITEMS>(p);                                                          \
     }
-#define FUSEDOPS_LAYERNORM_VARIANTS(T, NAME)                                               \
-    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, w1, fusedops::kVec16<T>, 1, true, kWarpRowThreads)  \
-    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, w2, fusedops::kVec16<T>, 2, true, kWarpRowThreads)  \
-    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, w4, fusedops::kVec16<T>, 4, true, kWarpRowThreads)  \
-    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, w8, fusedops::kVec16<T>, 8, true, kWarpRowThreads)  \
-    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, c1, fusedops::kVec16<T>, 1, false, kCachedThreads)  \
-    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, c2, fusedops::kVec16<T>, 2, false, kCachedThreads)  \
-    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, c4, fusedops::kVec16<T>, 4, false, kCachedThreads)  \
-    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, sv, fusedops::kVec16<T>, 0, false, 1024)            \
-    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, s1, 1, 0, false, 1024)
+#define FUSEDOPS_LAYERNORM_VARIANTS(T, NAME)                                        \
+    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, c1, fusedops::kVec16<T>, 1, kCachedThreads)  \
+    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, c2, fusedops::kVec16<T>, 2, kCachedThreads)  \
+    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, c4, fusedops::kVec16<T>, 4, kCachedThreads)  \
+    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, sv, fusedops::kVec16<T>, 0, 1024)            \
+    FUSEDOPS_LAYERNORM_KERNEL(T, NAME, s1, 1, 0, 1024)
 
 FUSEDOPS_LAYERNORM_VARIANTS(__nv_bfloat16, bf16)
 FUSEDOPS_LAYERNORM_VARIANTS(__half, fp16)

@@ -15,12 +15,9 @@ SOURCE = register_source("layernorm", "layernorm.cu")
 
 CACHED_ITEMS = (1, 2, 4)   # row vectors a thread keeps in registers (c8 spilled)
 CACHED_THREADS = 512       # kCachedThreads in csrc/layernorm.cu
-WARP_ITEMS = (1, 2, 4, 8)  # w<ITEMS>: one warp per row for rows of up to 8 x 32 vectors
-# One CTA per row took 0.77x Inductor at [16384x768] (96 threads, two barriers a row) and 0.73x at x8192
-# (c2 at 512 threads), 2026-11-25. Not yet measured: warp rows for short rows, and starting at 2 vectors
-# a thread (Inductor's/Liger's shape, as in rmsnorm.PREFERRED_ITEMS); bench_layernorm.py sweeps both.
-PREFERRED_ITEMS = 2
-ROWS_PER_CTA = 4  # warps (rows) per w<ITEMS> CTA; at most kWarpRowThreads / 32
+# A row takes the cached variant with the fewest vectors a thread (the most threads) that holds it. H100,
+# 2026-11-25: [16384 x 4096] c1 110.5 us = c2 110.9 < c4 140.2; x8192 c2 248.5 < c4 301.6; a warp per row
+# for x768 lost (27.8 us vs c1's 21.4: 122 registers a thread, 16 warps an SM).
 
 
 class LayerNormParams(ctypes.Structure):
@@ -49,27 +46,20 @@ def _validate(x, weight, bias, eps):
         raise ValueError(f"eps: must be >= 0, got {eps}")
 
 
-def plan(hidden: int, vec: int, vector_ok: bool, variant: str | None = None) -> tuple[str, int, int]:
-    """(kernel suffix, threads per CTA, rows per CTA). `variant` ("w4", "c2", ...) forces one for
-    benchmark sweeps; it must hold the row."""
+def plan(hidden: int, vec: int, vector_ok: bool, variant: str | None = None) -> tuple[str, int]:
+    """(kernel suffix, threads per CTA). `variant` ("c1", "c2", "c4") forces a cached variant for
+    benchmark sweeps; it must hold the row in CACHED_THREADS threads."""
     nvec = hidden // vec if vector_ok else hidden
     if variant is None and vector_ok:
-        w = next((i for i in WARP_ITEMS if nvec <= 32 * i), None)
-        c = next((i for i in CACHED_ITEMS if i >= PREFERRED_ITEMS and nvec <= i * CACHED_THREADS),
-                 next((i for i in CACHED_ITEMS if nvec <= i * CACHED_THREADS), None))
-        variant = f"w{w}" if w is not None else f"c{c}" if c is not None else None
-    if variant is not None and variant[0] in "wc":
-        items = int(variant[1:])
-        if not vector_ok or variant[0] == "w" and nvec > 32 * items:
-            raise ValueError(f"variant: {variant} cannot hold a row of hidden={hidden}")
-        if variant[0] == "w":
-            return variant, 32 * ROWS_PER_CTA, ROWS_PER_CTA
-        threads = max(32, (-(-nvec // items) + 31) // 32 * 32)
-        if threads > CACHED_THREADS:
-            raise ValueError(f"variant: {variant} needs {threads} threads for hidden={hidden}, "
-                             f"more than {CACHED_THREADS}")
-        return variant, threads, 1
-    return ("sv" if vector_ok else "s1"), min(1024, (nvec + 31) // 32 * 32), 1
+        items = next((i for i in CACHED_ITEMS if nvec <= i * CACHED_THREADS), None)
+        variant = f"c{items}" if items is not None else None
+    if variant is not None:
+        threads = max(32, (-(-nvec // int(variant[1:])) + 31) // 32 * 32)
+        if not vector_ok or threads > CACHED_THREADS:
+            raise ValueError(f"variant: {variant} cannot hold a row of hidden={hidden} in {CACHED_THREADS} "
+                             f"threads with 16-byte vectors")
+        return variant, threads
+    return ("sv" if vector_ok else "s1"), min(1024, (nvec + 31) // 32 * 32)
 
 
 def launch(x2, weight, bias, out2, eps, variant: str | None = None) -> None:
@@ -78,12 +68,12 @@ def launch(x2, weight, bias, out2, eps, variant: str | None = None) -> None:
     affine = [t for t in (weight, bias) if t is not None]
     vector_ok = (hidden % vec == 0 and x2.stride(0) % vec == 0 and out2.stride(0) % vec == 0
                  and aligned16(x2, out2, *affine))
-    name, threads, rows_per_cta = plan(hidden, vec, vector_ok, variant)
+    name, threads = plan(hidden, vec, vector_ok, variant)
     params = LayerNormParams(out2.data_ptr(), x2.data_ptr(), weight.data_ptr() if weight is not None else None,
                              bias.data_ptr() if bias is not None else None, rows, hidden, x2.stride(0),
                              out2.stride(0), float(eps))
     k = kernel(SOURCE, f"layernorm_{DTYPE_SUFFIX[x2.dtype]}_{name}", LayerNormParams, x2.device)
-    k.launch((-(-rows // rows_per_cta),), (threads,), params)
+    k.launch((rows,), (threads,), params)
 
 
 @torch.library.custom_op("fusedops::layer_norm", mutates_args=(), device_types="cpu")

@@ -18,10 +18,10 @@ SOURCE = register_source("rmsnorm", "rmsnorm.cu")
 # 8 x 512 vectors stream.
 CACHED_THREADS = 512
 CACHED_ITEMS = (1, 2, 4, 8)
-# Vectors a thread starts at: 2 is the shape of Inductor's and Liger's RMSNorm programs (8 warps for
-# 4096 bf16, 16 for 8192), which reach 94-98 % of copy bandwidth on the H100. Not yet measured for
-# ours: perf/bench_rmsnorm.py prints the sweep over ITEMS that should settle it.
-PREFERRED_ITEMS = 2
+# Vectors a thread starts at. H100 sweep, 2026-11-25 (perf/notes/memkernels.md): [16384 x 4096] c1 at 512
+# threads 94.0 us (99 % of copy) vs c2 at 256 98.8; add+RMSNorm c1 180.9 vs c2 182.6. At x8192 (c2 at 512
+# threads, 48 registers: 2 CTAs an SM) RMSNorm reaches only 81 %; c1 (30 registers) fills the SM.
+PREFERRED_ITEMS = 1
 
 
 class RmsNormParams(ctypes.Structure):

@@ -13,9 +13,10 @@ from ._launch import DTYPE_SUFFIX, aligned16, check_cuda, check_dtype, check_sam
 SOURCE = register_source("silu_mul", "silu_mul.cu")
 THREADS = 256      # per CTA along a row: [8192x14336] at the copy ceiling (102 % of copy, 2026-11-25)
 # Calls with fewer vectors than this take DECODE_THREADS-thread CTAs, spreading a decode-size call over
-# more SMs (at 256 threads one 14336-wide row fills 7 CTAs). Not yet measured: bench_silu_mul.py sweeps it.
+# more SMs (at 256 threads one 14336-wide row fills 7 CTAs). H100 graph replay, [1/4/16 x 14336]:
+# 128 threads 1.5/1.6/1.8 us, 64 and 256 threads 1.6/1.7/1.8 (2026-11-25): a small effect.
 DECODE_VECTORS = 132 * THREADS
-DECODE_THREADS = 64
+DECODE_THREADS = 128
 MAX_GRID_Y = 65535  # CUDA's gridDim.y limit; more rows are walked grid-stride
 
 
