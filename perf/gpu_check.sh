@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # One-command GPU check for the H100 device machine (no network there, no nvidia-cutlass):
 #   installs the carried wheels (.whl: nvidia-cutlass, liger-kernel), builds any kernel missing from the carried
-#   cache (.fusedops_cache), runs the whole test suite (GPU tests included), compute-sanitizer on small cases,
-#   the kernel benchmarks and the model comparison, and prints a short table last.
-# Usage (device tool): carry [".fusedops_cache", ".whl"], command `bash perf/gpu_check.sh [--quick]`.
+#   cache (.fusedops_cache), runs the whole test suite (GPU tests included), compute-sanitizer on small cases of
+#   every op, the kernel benchmarks and the model comparison, and prints a short table last.
+# Usage (device tool): carry [".fusedops_cache", ".whl"], command `bash perf/gpu_check.sh [PARTS...] [--quick]`
+#   PARTS: any of tests sanitize bench e2e (default: all of them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-QUICK=${1:-}
+QUICK=""; PARTS=()
+for a in "$@"; do [ "$a" = "--quick" ] && QUICK=--quick || PARTS+=("$a"); done
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests sanitize bench e2e)
+want() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
 OUT=${OUT:-perf/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FUSEDOPS_CACHE=${FUSEDOPS_CACHE:-$PWD/.fusedops_cache} PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 FUSEDOPS_CACHE=${FUSEDOPS_CACHE:-$PWD/.fusedops_cache} PYTHONPATH=$PWD:$PWD/perf:${PYTHONPATH:-}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -18,22 +22,26 @@ step() {  # step NAME LOGFILE COMMAND...: run, keep the log, remember pass/fail 
   local name=$1 log=$2; shift 2
   local t0=$(date +%s)
   "$@" >"$OUT/$log" 2>&1; local rc=$?
-  summary+=("$(printf '| %-26s | %-4s | %5ss | %s |' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "$(tail -n 1 "$OUT/$log" | cut -c1-90)")")
+  summary+=("$(printf '| %-18s | %-4s | %4ss | %s |' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "$(grep -v '^\s*$' "$OUT/$log" | tail -n 1 | cut -c1-100)")")
   return $rc
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-step build        build.log   python3 -m fusedops build --arch sm_90a --jobs 16
-step tests        tests.log   python3 -m pytest -q -p no:cacheprovider tests
-if [ -f perf/sanitize.py ]; then
-  step memcheck   memcheck.log  compute-sanitizer --tool memcheck --error-exitcode 1 python3 perf/sanitize.py
-  step racecheck  racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 python3 perf/sanitize.py
+step build build.log python3 -m fusedops build --arch sm_90a --jobs 16
+if want tests; then
+  step tests tests.log python3 -m pytest -q -p no:cacheprovider tests
 fi
-for b in perf/bench_*.py; do
-  step "$(basename "$b" .py)" "$(basename "$b" .py).log" python3 "$b" $QUICK
-done
-if python3 -c "import fusedops.perf" 2>/dev/null; then
-  step model-compare compare.log python3 -m fusedops.perf ${QUICK:+--quick}
+if want sanitize; then
+  san="compute-sanitizer --report-api-errors no --error-exitcode 1"
+  step memcheck memcheck.log $san --tool memcheck python3 perf/sanitize.py
+  step racecheck racecheck.log $san --tool racecheck python3 perf/sanitize.py
 fi
-cat "$OUT"/bench_*.log 2>/dev/null | grep -E '^\|' > "$OUT/tables.md"
-echo; echo "## gpu_check summary"; echo "| step | rc | time | last line |"; echo "|---|---|---|---|"
+if want bench; then
+  step bench_kernels bench_kernels.log python3 perf/bench_kernels.py $QUICK
+fi
+if want e2e; then
+  step run_stage run_stage.log python3 perf/bench_run_stage.py
+  step model_compare compare.log python3 -m fusedops.perf ${QUICK}
+fi
+echo; echo "## gpu_check summary ($(date -u +%F' '%H:%M) UTC, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+echo "| step | rc | time | last line |"; echo "|---|---|---|---|"
 printf '%s\n' "${summary[@]}"
