@@ -38,7 +38,6 @@ __device__ __forceinline__ void rmsnorm_row(const RmsNormParams& p) {
     FUSEDOPS_RMSNORM_KERNEL(T, NAME, c1, fusedops::kVec16<T>, 1, kCachedThreads)              \
     FUSEDOPS_RMSNORM_KERNEL(T, NAME, c2, fusedops::kVec16<T>, 2, kCachedThreads)              \
     FUSEDOPS_RMSNORM_KERNEL(T, NAME, c4, fusedops::kVec16<T>, 4, kCachedThreads)              \
-    FUSEDOPS_RMSNORM_KERNEL(T, NAME, c8, fusedops::kVec16<T>, 8, kCachedThreads)              \
     FUSEDOPS_RMSNORM_KERNEL(T, NAME, sv, fusedops::kVec16<T>, 0, 1024)              \
     FUSEDOPS_RMSNORM_KERNEL(T, NAME, s1, 1, 0, 1024)
 

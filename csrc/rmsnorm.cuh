@@ -9,7 +9,8 @@
 #include "common/vec.cuh"
 
 // Most threads a cached-variant CTA has (CACHED_THREADS in fusedops/ops/rmsnorm.py): the bound leaves
-// 128 registers a thread, which 8 row + 8 weight vectors need (at 1024 threads, 64 registers, c8 spilled).
+// 128 registers a thread. A c8 variant (8 row + 8 weight vectors) spilled 24 bytes even there, so rows
+// longer than 4 x 512 vectors stream (sv) instead.
 constexpr int kCachedThreads = 512;
 
 namespace fusedops {

@@ -17,7 +17,7 @@ SOURCE = register_source("rmsnorm", "rmsnorm.cu")
 # Most threads per row for the cached kernels (kCachedThreads in csrc/rmsnorm.cuh); rows longer than
 # 8 x 512 vectors stream.
 CACHED_THREADS = 512
-CACHED_ITEMS = (1, 2, 4, 8)
+CACHED_ITEMS = (1, 2, 4)  # c8 spilled registers (ptxas, sm_90a): longer rows stream
 # Vectors a thread starts at. H100 sweep, 2026-11-25 (perf/notes/memkernels.md): [16384 x 4096] c1 at 512
 # threads 94.0 us (99 % of copy) vs c2 at 256 98.8; add+RMSNorm c1 180.9 vs c2 182.6. At x8192 (c2 at 512
 # threads, 48 registers: 2 CTAs an SM) RMSNorm reaches only 81 %; c1 (30 registers) fills the SM.
