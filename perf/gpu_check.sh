@@ -4,7 +4,8 @@
 #   cache (.fusedops_cache), runs the whole test suite (GPU tests included), compute-sanitizer on small cases of
 #   every op, the kernel benchmarks and the model comparison, and prints a short table last.
 # Usage (device tool): carry [".fusedops_cache", ".whl"], command `bash perf/gpu_check.sh [PARTS...] [--quick]`
-#   PARTS: any of tests sanitize bench e2e (default: all of them).
+#   PARTS: any of tests gputests sanitize bench e2e (default: tests sanitize bench e2e); gputests runs only the
+#   tests marked gpu (the CPU ones run in CI).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=""; PARTS=()
@@ -29,6 +30,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 step build build.log python3 -m fusedops build --arch sm_90a --jobs 16
 if want tests; then
   step tests tests.log python3 -m pytest -q -p no:cacheprovider tests
+fi
+if want gputests; then
+  step gpu_tests gpu_tests.log python3 -m pytest -q -p no:cacheprovider -m gpu tests
 fi
 if want sanitize; then
   san="compute-sanitizer --report-api-errors no --error-exitcode 1"
