@@ -40,7 +40,7 @@ __device__ __forceinline__ void add_rmsnorm_row(const AddRmsNormParams& p) {
         fusedops::add_rmsnorm_row<T, VEC, ITEMS>(p);                                                          \
     }
 #define FUSEDOPS_ADD_RMSNORM_VARIANTS(T, NAME)                                \
-    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c1, fusedops::kVec16<T>, 1, kCachedThreads)          \
+    FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c1, fusedops::kVec16<T>, 1, kCachedThreadsC1)          \
     FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c2, fusedops::kVec16<T>, 2, kCachedThreads)          \
     FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, c4, fusedops::kVec16<T>, 4, kCachedThreads)          \
     FUSEDOPS_ADD_RMSNORM_KERNEL(T, NAME, sv, fusedops::kVec16<T>, 0, 1024)          \

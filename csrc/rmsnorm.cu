@@ -35,7 +35,7 @@ __device__ __forceinline__ void rmsnorm_row(const RmsNormParams& p) {
         fusedops::rmsnorm_row<T, VEC, ITEMS>(p);                                                          \
     }
 #define FUSEDOPS_RMSNORM_VARIANTS(T, NAME)                                    \
-    FUSEDOPS_RMSNORM_KERNEL(T, NAME, c1, fusedops::kVec16<T>, 1, kCachedThreads)              \
+    FUSEDOPS_RMSNORM_KERNEL(T, NAME, c1, fusedops::kVec16<T>, 1, kCachedThreadsC1)              \
     FUSEDOPS_RMSNORM_KERNEL(T, NAME, c2, fusedops::kVec16<T>, 2, kCachedThreads)              \
     FUSEDOPS_RMSNORM_KERNEL(T, NAME, c4, fusedops::kVec16<T>, 4, kCachedThreads)              \
     FUSEDOPS_RMSNORM_KERNEL(T, NAME, sv, fusedops::kVec16<T>, 0, 1024)              \

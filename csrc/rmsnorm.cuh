@@ -12,6 +12,9 @@
 // 128 registers a thread. A c8 variant (8 row + 8 weight vectors) spilled 24 bytes even there, so rows
 // longer than 4 x 512 vectors stream (sv) instead.
 constexpr int kCachedThreads = 512;
+// c1 (one vector a thread, ~30 registers) may use 1024 threads: a whole [.., 8192] bf16 row then sits in
+// registers at full occupancy (c2 at 512 threads: 48 registers, 2 CTAs an SM, 79 % of copy on the H100).
+constexpr int kCachedThreadsC1 = 1024;
 
 namespace fusedops {
 

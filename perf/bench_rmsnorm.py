@@ -46,7 +46,7 @@ def main():
         rows_out[-1]["fusedops eager µs"] = time_cuda(lambda: fns["fusedops"](x, w))
         out = torch.empty_like(x)
         for items in rmsnorm.CACHED_ITEMS:
-            if hidden // 8 <= items * rmsnorm.CACHED_THREADS:
+            if hidden // 8 <= items * rmsnorm.CACHED_THREADS[items]:
                 variant, threads = rmsnorm.row_variant(hidden, 8, True, items)
                 t = big(lambda: rmsnorm.launch(x, w, out, EPS, items))
                 variants.append({"shape": f"[{rows}x{hidden}]", "variant": variant, "threads": threads,

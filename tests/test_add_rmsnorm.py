@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import poison_, random_with_outliers, rel_err
-from fusedops.ops import add_rmsnorm
+from fusedops.ops import add_rmsnorm, rmsnorm
 from fusedops.runtime import compiler
 
 op = torch.ops.fusedops.add_rms_norm
@@ -78,7 +78,7 @@ def test_random_sweep_vs_float64():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("items", [1, 2, 4, 8])
+@pytest.mark.parametrize("items", rmsnorm.CACHED_ITEMS)
 def test_every_cached_variant(items):
     for dtype in DTYPES:
         run_case(dtype, 5, 2048, False, items, items)

@@ -14,9 +14,9 @@ from ._launch import (DTYPE_SUFFIX, aligned16, check_cuda, check_dtype, check_sa
 
 SOURCE = register_source("rmsnorm", "rmsnorm.cu")
 
-# Most threads per row for the cached kernels (kCachedThreads in csrc/rmsnorm.cuh); rows longer than
-# 8 x 512 vectors stream.
-CACHED_THREADS = 512
+# Most threads per row for each cached kernel (kCachedThreadsC1 / kCachedThreads in csrc/rmsnorm.cuh);
+# rows longer than 4 x 512 vectors stream.
+CACHED_THREADS = {1: 1024, 2: 512, 4: 512}
 CACHED_ITEMS = (1, 2, 4)  # c8 spilled registers (ptxas, sm_90a): longer rows stream
 # Vectors a thread starts at. H100 sweep, 2026-11-25 (perf/notes/memkernels.md): [16384 x 4096] c1 at 512
 # threads 94.0 us (99 % of copy) vs c2 at 256 98.8; add+RMSNorm c1 180.9 vs c2 182.6. At x8192 (c2 at 512
@@ -55,12 +55,12 @@ def row_variant(hidden: int, vec: int, vector_ok: bool, items: int | None = None
     nvec = hidden // vec if vector_ok else hidden
     if vector_ok and items is None:
         items = 1 if nvec <= 32 * PREFERRED_ITEMS else next(
-            (i for i in CACHED_ITEMS if i >= PREFERRED_ITEMS and nvec <= i * CACHED_THREADS), None)
+            (i for i in CACHED_ITEMS if i >= PREFERRED_ITEMS and nvec <= i * CACHED_THREADS[i]), None)
     if vector_ok and items is not None:
         threads = max(32, (-(-nvec // items) + 31) // 32 * 32)
-        if threads > CACHED_THREADS:
+        if threads > CACHED_THREADS[items]:
             raise ValueError(f"items: {items} vectors a thread need {threads} threads for hidden={hidden}, "
-                             f"more than {CACHED_THREADS}")
+                             f"more than {CACHED_THREADS[items]}")
         return f"c{items}", threads
     return ("sv" if vector_ok else "s1"), min(1024, (nvec + 31) // 32 * 32)
 
