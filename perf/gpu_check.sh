@@ -18,6 +18,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+# Register the torch_dynamo_backends entry point (backend="fusedops" without importing fusedops).
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
+  || echo "note: editable install failed; backend='fusedops' works only after 'import fusedops'"
 summary=()
 step() {  # step NAME LOGFILE COMMAND...: run, keep the log, remember pass/fail and duration
   local name=$1 log=$2; shift 2
