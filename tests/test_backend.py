@@ -264,3 +264,17 @@ def test_explain_reports_without_changing_results():
     assert sum(result.reports[0].matches.values()) > 0
     torch.testing.assert_close(result.output.logits, want, rtol=0, atol=0)
     assert "graph 0" in str(result)
+
+
+def test_import_names_the_backend_when_no_entry_point_is_installed(monkeypatch):
+    """A checkout used from PYTHONPATH (no entry point): importing fusedops registers the name."""
+    import importlib.metadata
+
+    from torch._dynamo.backends import registry
+
+    import fusedops
+    from fusedops.backend import fusedops_backend
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [])
+    monkeypatch.delitem(registry._COMPILER_FNS, "fusedops", raising=False)
+    fusedops._register_backend_name()
+    assert registry.lookup_backend("fusedops") is fusedops_backend

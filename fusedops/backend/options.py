@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-# Above this many tokens a decode-style launch gap is negligible next to the GEMMs (a 512-token
-# Llama-3-8B layer is ≥ 0.5 ms of GPU work vs ≈ 3 µs per replayed launch), so a graph only costs pool
-# memory; set "max_graph_tokens" or "buckets" to change it.
-MAX_GRAPH_TOKENS = 512
+# Calls with more tokens run without a graph. Not 512: without a graph every fused op costs 50-200 µs of
+# Python on the H100 host, and a 2048-token prefill of a Llama-3-8B-shape model (8 layers) ran at eager
+# speed, 17.8 ms vs 4.6 ms at 512 tokens in a graph (H100, 2026-11-25, perf/RESULTS.md). Prefill graphs
+# cost pool memory for their activations (~0.3 GB per 1k tokens for that model); set "max_graph_tokens"
+# or "buckets" to change it.
+MAX_GRAPH_TOKENS = 8192
 # Each captured graph pins its static inputs and outputs; 8 covers decode batch sizes 1..128 in powers
 # of two with room for a few prefill shapes.
 MAX_GRAPHS = 8
