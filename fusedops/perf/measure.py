@@ -98,7 +98,8 @@ class CachePool:
 @functools.cache
 def _call_convention() -> tuple[str, bool]:
     """(cache keyword, whether cache_position is passed): transformers 5.24 renamed past_key_values to
-    cache and dropped cache_position (positions come from the cache); 5.17 (the GPU box) has both."""
+    cache (5.17, the GPU box's, still says past_key_values); 5.x takes positions from the cache, 4.4x
+    still wants cache_position."""
     from transformers import LlamaForCausalLM
     params = inspect.signature(LlamaForCausalLM.forward).parameters
     return ("cache" if "cache" in params else "past_key_values"), "cache_position" in params
