@@ -29,7 +29,8 @@ def parse_args(argv):
     src.add_argument("--checkpoint", metavar="DIR", help="local HF dir with config.json and *.safetensors")
     p.add_argument("--layers", type=int, help="decoder layers (default: the preset's; --quick: "
                                               f"at most {QUICK_LAYERS} for presets)")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and steps (sized for ≤ 5 min on an H100; not yet timed there)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer shapes and steps (sized for ≤ 5 min on an H100; not yet timed there)")
     p.add_argument("--backends", nargs="+", choices=list(BACKENDS),
                    help="in this order (default: all but fusedops-inductor with --quick, all without; "
                         "eager and fusedops on CPU). eager always runs first: it is the parity yardstick")
