@@ -59,6 +59,25 @@ def bench(quick: bool):
           "bench_attention.md")
 
 
+def hf_mask(s: int = 2048):
+    """What one prefill layer of the e2e benchmark runs: B=1, S new tokens into a StaticCache of S, HF's
+    boolean causal mask. fusedops given the mask alone (what the backend passes today) vs with
+    is_causal (tiles above the diagonal skipped) vs SDPA with the same mask, µs per call."""
+    q = torch.randn(1, HQ, s, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, HKV, s, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(s, s, device="cuda", dtype=torch.bool).tril()[None, None]
+    kv_len = torch.tensor([s], device="cuda", dtype=torch.int32)
+    cases = {
+        "fusedops, mask only": lambda: A.attention_prefill_cuda(q, k, v, mask, None, False, None),
+        "fusedops, mask + is_causal + kv_len": lambda: A.attention_prefill_cuda(q, k, v, mask, None, True, kv_len),
+        "fusedops, is_causal only": lambda: A.attention_prefill_cuda(q, k, v, None, None, True, None),
+        "SDPA (default backend), mask, enable_gqa": lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=True),
+        "SDPA (default backend), is_causal, enable_gqa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True),
+    }
+    table([{"case": name, "µs": time_cuda(fn, reps=20)} for name, fn in cases.items()],
+          f"one prefill layer's attention, S={s}, HF causal bool mask", "bench_attention_hf_mask.md")
+
+
 def sanitize():
     """Small odd-sized cases through every tile variant: masks, kv_len, varlen, strided views."""
     g = torch.Generator().manual_seed(0)
@@ -79,4 +98,9 @@ def sanitize():
 
 
 if __name__ == "__main__":
-    sanitize() if "--sanitize" in sys.argv else bench("--quick" in sys.argv)
+    if "--sanitize" in sys.argv:
+        sanitize()
+    elif "--hf-mask" in sys.argv:
+        hf_mask()
+    else:
+        bench("--quick" in sys.argv)
