@@ -3,7 +3,6 @@ sweep behind CACHED_THREADS, and the Python launch overhead. GPU times come from
 every implementation alike (time_cuda's per-call events would also count the gap left while Python
 launches the kernel, which our ctypes launch path makes long); "fusedops eager µs" shows that figure.
 Run: PYTHONPATH=.:perf python3 perf/bench_rmsnorm.py"""
-import ctypes
 import functools
 
 import torch
@@ -62,19 +61,12 @@ def main():
     k = rmsnorm.kernel(rmsnorm.SOURCE, name, rmsnorm.RmsNormParams, x.device)
     params = rmsnorm.RmsNormParams(out.data_ptr(), x.data_ptr(), w.data_ptr(), 1, 4096, 4096, 4096, EPS)
 
-    def cuda_python_launch():  # Kernel.launch's previous path, for the same-run comparison
-        from cuda.bindings import driver
-        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        driver.cuLaunchKernel(k.function, 1, 1, 1, threads, 1, 1, 0, torch.cuda.current_stream().cuda_stream,
-                              ctypes.addressof(args), 0)
     overhead = [{"what": "fusedops.rms_norm [1x4096], eager call",
                  "µs": cpu_us_per_call(lambda: fns["fusedops"](x, w))},
                 {"what": "raw kernel launch (rmsnorm.launch)", "µs": cpu_us_per_call(
                     lambda: rmsnorm.launch(x, w, torch.empty_like(x), EPS))},
-                {"what": "Kernel.launch alone (ctypes cuLaunchKernel, raw stream)",
+                {"what": "Kernel.launch alone (cuda-python cuLaunchKernel, raw stream handle)",
                  "µs": cpu_us_per_call(lambda: k.launch((1,), (threads,), params))},
-                {"what": "cuda-python cuLaunchKernel + torch.cuda.current_stream() (previous)",
-                 "µs": cpu_us_per_call(cuda_python_launch)},
                 {"what": "inductor [1x4096], eager call", "µs": cpu_us_per_call(lambda: fns["inductor"](x, w))},
                 {"what": "fusedops.rms_norm under graph replay", "µs": time_graph(lambda: fns["fusedops"](x, w))}]
     print(f"copy bandwidth {copy:.0f} GB/s on {torch.cuda.get_device_name()}")

@@ -46,17 +46,6 @@ def check(result, what: str):
 
 
 @functools.lru_cache(maxsize=1)
-def _cu_launch_kernel():
-    """libcuda's cuLaunchKernel called through ctypes. The cuda-python binding converts every argument
-    to its wrapper types on each call (~9.4 us of CPU per launch on the H100 host); this is one plain
-    C call. Same driver library, same entry point, same CUresult."""
-    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
-    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
-    fn.restype = ctypes.c_int
-    return fn
-
-
-@functools.lru_cache(maxsize=1)
 def _raw_stream():
     """torch's current-stream handle as an int, without building a torch.cuda.Stream object (the
     function Inductor's generated code calls for the same purpose)."""
@@ -101,9 +90,6 @@ class Kernel:
     params_type: type  # the ctypes.Structure mirroring the kernel's params struct
     max_dynamic_smem: int = 48 * 1024
 
-    def __post_init__(self):
-        self.handle = int(self.function)  # the CUfunction pointer, for the ctypes launch
-
     @classmethod
     def load(cls, cubin: Path, name: str, params_type: type, device_index: int) -> "Kernel":
         driver = _driver()
@@ -141,7 +127,9 @@ class Kernel:
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
         bx, by, bz = (tuple(block) + (1, 1))[:3]
         args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        err = _cu_launch_kernel()(self.handle, gx, gy, gz, bx, by, bz, smem, stream, ctypes.addressof(args), None)
-        if err:
+        driver = _driver()
+        err, = driver.cuLaunchKernel(self.function, gx, gy, gz, bx, by, bz, smem, stream,
+                                     ctypes.addressof(args), 0)
+        if err != driver.CUresult.CUDA_SUCCESS:
             raise CudaError(f"launch of {self.name} (grid={(gx, gy, gz)}, block={(bx, by, bz)}, smem={smem}) "
-                            f"failed: {error_string(_driver().CUresult(err))}")
+                            f"failed: {error_string(err)}")
