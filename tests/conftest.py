@@ -22,6 +22,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "nvcc: needs nvcc (kernel build / PTX checks)")
 
 
+def capture_graph(fn):
+    """Warm fn up on a side stream (as CUDA-graph capture requires), then capture one call of it.
+    Returns (graph, what fn returned during capture: the tensors each replay rewrites)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
     out, ref = out.double().cpu(), ref.double().cpu()

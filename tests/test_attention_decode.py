@@ -14,7 +14,7 @@ import torch
 from fusedops.ops import attention_decode as dec
 from fusedops.ops.attention import attention_reference
 from fusedops.runtime import compiler
-from conftest import poison_, random_with_outliers, rel_err
+from conftest import capture_graph, poison_, random_with_outliers, rel_err
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
 VARIANTS = [(d, m) for d, rows in dec.MAX_ROWS.items() for m in (1, 2) if 16 * m <= rows]
@@ -241,14 +241,7 @@ def test_cuda_graph_replay_follows_kv_len(num_splits):
     mask = keys < kv_len.view(b, 1, 1, 1)
     out = torch.empty(q.shape, dtype=q.dtype, device="cuda")
     run = lambda: dec.decode_attention_cuda(q, k, v, mask, None, True, kv_len, num_splits, out)  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    graph, _ = capture_graph(run)
     for lengths in ([5, 3], [64, 65], [519, 520], [1000, 7], [1024, 1024], [0, 300]):
         kv_len.copy_(torch.tensor(lengths, dtype=torch.int32))
         mask.copy_(keys < kv_len.view(b, 1, 1, 1))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedops.ops  # noqa: F401
-from conftest import poison_, random_with_outliers, rel_err
+from conftest import capture_graph, poison_, random_with_outliers, rel_err
 from fusedops import gemm_codegen
 from fusedops.gemm_codegen import VARIANTS, Variant
 from fusedops.ops import gemm
@@ -249,14 +249,7 @@ def test_variants_capture_in_cuda_graphs(variant):
     else:
         run = lambda: gemm.cutlass_linear(x, w, None, route)  # noqa: E731
         ref = x.float() @ w.float().T
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(run)
     poison_(out)
     graph.replay()
     torch.cuda.synchronize()
