@@ -90,8 +90,6 @@ def write(results, info, speed_note, stem: Path) -> tuple[str, str | None]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if str(REPO) not in sys.path:       # perf/common.py (timing helpers) lives beside the package
-        sys.path.insert(0, str(REPO))
     from . import measure, models
     from .backends import BACKENDS, DEFAULT_BACKENDS
     progress = measure.Progress()

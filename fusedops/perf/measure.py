@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import BackendSpec, Runner
+from .timing import copy_bandwidth_gbs, gemm_tflops, time_cuda
 
 CACHE_LEN = 1024          # ANCHORS.md's decode setup: a 1024-position StaticCache ...
 DECODE_CONTEXT = 512      # ... holding 512 context tokens
@@ -245,7 +246,6 @@ def prefill_speed(runner: Runner, model, pool, tokens: int, reps: int, facts: di
 
     first_s, _ = _timed_call(call, device)
     if device.type == "cuda":
-        from perf.common import time_cuda   # the repo's timing helper (CUDA events)
         us = time_cuda(call, warmup=1, reps=reps, flush=False)
     else:
         us = statistics.median(_timed_call(call, device)[0] for _ in range(reps)) * 1e6
@@ -376,5 +376,4 @@ def ceilings(device) -> dict:
     """Copy bandwidth and bf16 GEMM rate measured now, in this process, for the roofline columns."""
     if device.type != "cuda":
         return {}
-    from perf.common import copy_bandwidth_gbs, gemm_tflops
     return dict(copy_gbs=copy_bandwidth_gbs(), gemm_tflops=gemm_tflops())
