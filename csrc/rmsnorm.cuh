@@ -1,5 +1,6 @@
-// RMSNorm row kernels shared by rmsnorm.cu and add_rmsnorm.cu, with Hugging Face LlamaRMSNorm rounding:
-//   y = T( float(w) * round_T( h * rsqrt(mean(h^2) + eps) ) ), statistics in fp32.
+// RMSNorm row kernels shared by rmsnorm.cu and add_rmsnorm.cu: Hugging Face LlamaRMSNorm computed in fp32
+// and rounded once, y = T( float(w) * h * rsqrt(mean(h^2) + eps) ) (eager rounds before the weight too;
+// one rounding, as Inductor fuses it, sits closer to the fp32 model).
 // One CTA per row. A "Row" policy says where h comes from: straight from x (PlainRow), or
 // h = round_T(x + residual), written out as it is formed (ResidualRow).
 // The "cached" form keeps the row in registers (one HBM read); the "streaming" form re-reads it
@@ -58,7 +59,7 @@ __device__ __forceinline__ void scale_store(T* out, const Vec<T, VEC>& wv, int64
     Vec<T, VEC> yv;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-        yv.v[j] = from_float<T>(to_float(wv.v[j]) * round_to<T>(to_float(hv.v[j]) * rstd));
+        yv.v[j] = from_float<T>(to_float(wv.v[j]) * (to_float(hv.v[j]) * rstd));
     store_vec<T, VEC>(out + i * VEC, yv);
 }
 

@@ -1,6 +1,7 @@
 // Rotary position embedding on q and k in one launch, optionally also writing the rotated k and v
 // into a static KV cache at positions read on the device (CUDA-graph safe, replaces HF's index_copy_).
-// HF arithmetic, each step rounded to T as PyTorch does it: out = T( T(x * cos) + T(rotate(x) * sin) ),
+// HF's arithmetic in fp32, rounded once to T (as Inductor fuses it; eager rounds after each op and sits
+// further from an fp32 model): out = T( x * cos + rotate(x) * sin ),
 //   rotate_half: rotate(x)[j] = -x[j + D/2], rotate(x)[j + D/2] = x[j]    (j < D/2)
 //   interleaved (GPT-J): rotate(x)[2i] = -x[2i + 1], rotate(x)[2i + 1] = x[2i]
 // One CTA per token (b, s); its threads walk (head, chunk) pairs of q heads, then k heads, then
@@ -53,23 +54,23 @@ __device__ __forceinline__ void rotate_pair(const T* x, T* out, const T* c, cons
             if constexpr (VEC >= 2) {
                 const float a0 = to_float(a.v[j]), a1 = to_float(a.v[j + 1]);
                 const float b0 = to_float(b.v[j]), b1 = to_float(b.v[j + 1]);
-                ya.v[j] = from_float<T>(round_to<T>(a0 * to_float(ca.v[j])) + round_to<T>(-a1 * to_float(sa.v[j])));
-                ya.v[j + 1] = from_float<T>(round_to<T>(a1 * to_float(ca.v[j + 1])) + round_to<T>(a0 * to_float(sa.v[j + 1])));
-                yb.v[j] = from_float<T>(round_to<T>(b0 * to_float(cb.v[j])) + round_to<T>(-b1 * to_float(sb.v[j])));
-                yb.v[j + 1] = from_float<T>(round_to<T>(b1 * to_float(cb.v[j + 1])) + round_to<T>(b0 * to_float(sb.v[j + 1])));
+                ya.v[j] = from_float<T>((a0 * to_float(ca.v[j])) + (-a1 * to_float(sa.v[j])));
+                ya.v[j + 1] = from_float<T>((a1 * to_float(ca.v[j + 1])) + (a0 * to_float(sa.v[j + 1])));
+                yb.v[j] = from_float<T>((b0 * to_float(cb.v[j])) + (-b1 * to_float(sb.v[j])));
+                yb.v[j + 1] = from_float<T>((b1 * to_float(cb.v[j + 1])) + (b0 * to_float(sb.v[j + 1])));
             }
         }
         if constexpr (VEC == 1) {  // scalar path: a and b are the pair itself
             const float a0 = to_float(a.v[0]), b0 = to_float(b.v[0]);
-            ya.v[0] = from_float<T>(round_to<T>(a0 * to_float(ca.v[0])) + round_to<T>(-b0 * to_float(sa.v[0])));
-            yb.v[0] = from_float<T>(round_to<T>(b0 * to_float(cb.v[0])) + round_to<T>(a0 * to_float(sb.v[0])));
+            ya.v[0] = from_float<T>((a0 * to_float(ca.v[0])) + (-b0 * to_float(sa.v[0])));
+            yb.v[0] = from_float<T>((b0 * to_float(cb.v[0])) + (a0 * to_float(sb.v[0])));
         }
     } else {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             const float a0 = to_float(a.v[j]), b0 = to_float(b.v[j]);
-            ya.v[j] = from_float<T>(round_to<T>(a0 * to_float(ca.v[j])) + round_to<T>(-b0 * to_float(sa.v[j])));
-            yb.v[j] = from_float<T>(round_to<T>(b0 * to_float(cb.v[j])) + round_to<T>(a0 * to_float(sb.v[j])));
+            ya.v[j] = from_float<T>((a0 * to_float(ca.v[j])) + (-b0 * to_float(sa.v[j])));
+            yb.v[j] = from_float<T>((b0 * to_float(cb.v[j])) + (a0 * to_float(sb.v[j])));
         }
     }
     store_vec<T, VEC>(out + o0, ya);

@@ -1,4 +1,4 @@
-// SwiGLU activation: out = T( T(silu(g)) * u ), each step rounded to T as HF's F.silu(g) * u does.
+// SwiGLU activation: out = T( silu(g) * u ) in fp32, rounded once (eager rounds silu(g) first).
 // 2-D launch: blockIdx.y walks rows (grid-stride past 65535), x-threads walk VEC-element vectors of a
 // row; the last vector of a row that does not fill VEC elements goes element by element.
 // silu_mul passes g and u as one long row; silu_mul_cat passes rows of [g | u] with u = g + I.
@@ -23,7 +23,7 @@ namespace fusedops {
 template <typename T>
 __device__ __forceinline__ T silu_mul_one(T g, T u) {
     const float x = to_float(g);
-    return from_float<T>(round_to<T>(__fdividef(x, 1.f + __expf(-x))) * to_float(u));
+    return from_float<T>(__fdividef(x, 1.f + __expf(-x)) * to_float(u));
 }
 
 template <typename T, int VEC>

@@ -16,7 +16,6 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Round a float through T and back: reproduces PyTorch's `.to(dtype)` between fp32 steps.
-template <typename T> __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
 
 // N elements of T held as one aligned chunk; N * sizeof(T) is 16 bytes for the vector path.
 template <typename T, int N>

@@ -32,10 +32,10 @@ class RmsNormParams(ctypes.Structure):
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF LlamaRMSNorm.forward, verbatim in meaning: fp32 statistics, cast back before the weight."""
+    """HF LlamaRMSNorm.forward in fp32, rounded once at the end (eager also rounds before the weight)."""
     h = x.float()
     var = h.pow(2).mean(-1, keepdim=True)
-    return weight * (h * torch.rsqrt(var + eps)).to(x.dtype)
+    return (weight.float() * (h * torch.rsqrt(var + eps))).to(x.dtype)
 
 
 def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:

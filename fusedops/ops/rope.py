@@ -40,9 +40,13 @@ def rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
 
 
 def rope_reference(q, k, cos, sin, interleaved=False):
-    """HF apply_rotary_pos_emb with unsqueeze_dim=1, op for op in the model dtype."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate(q, interleaved) * sin, k * cos + rotate(k, interleaved) * sin
+    """HF apply_rotary_pos_emb with unsqueeze_dim=1, computed in fp32 and rounded once to the model
+    dtype (the kernel's rounding; eager rounds after every op)."""
+    cos, sin = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
+
+    def apply(x):
+        return (x.float() * cos + rotate(x.float(), interleaved) * sin).to(x.dtype)
+    return apply(q), apply(k)
 
 
 def _validate(q, k, cos, sin):

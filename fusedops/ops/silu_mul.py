@@ -28,8 +28,8 @@ class SiluMulParams(ctypes.Structure):
 
 
 def silu_mul_reference(g, u):
-    """HF LlamaMLP: act_fn(gate_proj(x)) * up_proj(x), each op rounded to the model dtype."""
-    return F.silu(g) * u
+    """HF LlamaMLP's act_fn(gate_proj(x)) * up_proj(x) in fp32, rounded once to the model dtype."""
+    return (F.silu(g.float()) * u.float()).to(g.dtype)
 
 
 def _validate(g, u):
