@@ -12,6 +12,14 @@ from fusedops.backend.rewrite import RewriteOptions, rewrite_graph
 from fusedops.backend.weights import WeightStore
 
 
+def same_function_rounded_once(out, fn, *args):
+    """The fused ops compute in fp32 and round once, eager bf16 rounds after every op: the rewritten
+    output must be the same function (within bf16 rounding) and no further from float64 than eager."""
+    eager, exact = fn(*args), fn(*(a.double() for a in args))
+    for o, e, x in zip(*((t,) if torch.is_tensor(t) else t for t in (out, eager, exact))):
+        assert rel_err(o, e) < 1e-2 and rel_err(o, x) <= rel_err(e, x), (rel_err(o, e), rel_err(o, x), rel_err(e, x))
+
+
 def rewritten(fn, *args, options=None):
     results = []
 
@@ -51,7 +59,7 @@ def test_rms_norm_spellings_match_with_their_eps(fn, eps):
     x, w = randn(3, 5, 64), randn(64, seed=1)
     out, report = rewritten(fn, x, w)
     assert report.matches["rms_norm"] == 1 and f"eps={eps:g}" in report.replacements[0]
-    assert torch.equal(out, fn(x, w))
+    same_function_rounded_once(out, fn, x, w)
 
 
 def test_rms_norm_near_misses_name_the_reason():
@@ -70,8 +78,8 @@ def test_add_rms_norm_returns_h_to_the_adds_other_users():
     args = randn(2, 3, 64), randn(2, 3, 64, seed=1), randn(64, seed=2)
     (y, h2), report = rewritten(layer, *args)
     assert report.matches["add_rms_norm"] == 1 and report.ops_after["add"] == 0
-    ey, eh2 = layer(*args)
-    assert torch.equal(y, ey) and torch.equal(h2, eh2)
+    assert torch.equal(h2, layer(*args)[1])   # h is rounded to bf16 as eager stores it
+    same_function_rounded_once(y, lambda *a: layer(*a)[0], *args)
 
 
 def rotate_half(x):
@@ -90,8 +98,7 @@ def test_rope_matches_q_and_k_together():
     cos, sin = randn(1, 5, 64, seed=2), randn(1, 5, 64, seed=3)
     (qo, ko), report = rewritten(apply_rope, q, k, cos, sin)
     assert report.matches["rope"] == 1 and report.ops_after["cat"] == 0 and report.ops_after["neg"] == 0
-    eq, ek = apply_rope(q, k, cos, sin)
-    assert torch.equal(qo, eq) and torch.equal(ko, ek)
+    same_function_rounded_once((qo, ko), apply_rope, q, k, cos, sin)
 
 
 def test_rope_near_misses():

@@ -42,6 +42,14 @@ def test_cli_runs_end_to_end_on_cpu_within_a_minute(tmp_path):
     assert any(line.startswith("| fusedops |") for line in md.splitlines())   # ok or an error row
 
 
+def test_parity_only_runs_another_family_and_says_no_speed(tmp_path):
+    from fusedops.perf.__main__ import main
+    assert main(["--preset", "mistral-7b", "--layers", "1", "--parity-only", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "e2e_mistral-7b_1L_cpu.md").read_text()
+    assert "--parity-only: no speed measured." in md
+    assert "| ok |" in next(line for line in md.splitlines() if line.startswith("| eager |"))
+
+
 def test_llama3_8b_preset_has_the_published_shape():
     config = models.preset_config("llama3-8b")
     with torch.device("meta"):

@@ -34,6 +34,9 @@ def parse_args(argv):
     p.add_argument("--backends", nargs="+", choices=list(BACKENDS),
                    help="in this order (default: all but fusedops-inductor with --quick, all without; "
                         "eager and fusedops on CPU). eager always runs first: it is the parity yardstick")
+    p.add_argument("--parity-only", action="store_true",
+                   help="only the parity check vs fp32 (logits error, greedy agreement, cold compile): "
+                        "for checking more model families and depths in little GPU time")
     p.add_argument("--budget-s", type=float, help="skip backends that would start after this many seconds "
                                                   "(the report is rewritten after each backend)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
@@ -94,7 +97,8 @@ def main(argv=None) -> int:
     from .backends import BACKENDS, DEFAULT_BACKENDS
     progress = measure.Progress()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    workload_name = "cpu" if device.type == "cpu" else "quick" if args.quick else "full"
+    workload_name = ("cpu" if device.type == "cpu" else "parity" if args.parity_only
+                     else "quick" if args.quick else "full")
     workload = measure.WORKLOADS[workload_name]
     names = args.backends or DEFAULT_BACKENDS[workload_name]
     names = ["eager"] + [n for n in names if n != "eager"]
@@ -110,8 +114,8 @@ def main(argv=None) -> int:
     pool.clear()
     models.cast_parameters(model, DTYPES[args.dtype])
 
-    speed_note = None if device.type == "cuda" else (
-        "No CUDA GPU here: parity was checked through the CPU reference path; speed numbers need a GPU.")
+    speed_note = ("--parity-only: no speed measured." if args.parity_only else None if device.type == "cuda" else
+                  "No CUDA GPU here: parity was checked through the CPU reference path; speed numbers need a GPU.")
     info = header(args, name, facts, device, ceil, workload_name)
     stem = args.out / f"e2e_{name}_{facts['layers']}L_{workload_name}"
     results, lost = [], None
@@ -123,7 +127,8 @@ def main(argv=None) -> int:
         else:
             gate = measure.parity_gate(results[0] if results else None)
             results.append(measure.run_backend(BACKENDS[n], model, pool, ref, workload, gate, facts, ceil,
-                                               progress, args.seed, speed=device.type == "cuda"))
+                                               progress, args.seed,
+                                               speed=device.type == "cuda" and not args.parity_only))
             fault = measure.cuda_context_lost(device) if results[-1].status == "error" else None
             lost = None if fault is None else f"CUDA context lost after {n}: {fault}"
         text, plotted = write(results, info, speed_note, stem)   # partial results survive a kill
