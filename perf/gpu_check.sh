@@ -4,8 +4,8 @@
 #   cache (.fusedops_cache), runs the whole test suite (GPU tests included), compute-sanitizer on small cases of
 #   every op, the kernel benchmarks and the model comparison, and prints a short table last.
 # Usage (device tool): carry [".fusedops_cache", ".whl"], command `bash perf/gpu_check.sh [PARTS...] [--quick]`
-#   PARTS: any of tests gputests sanitize bench e2e (default: tests sanitize bench e2e); gputests runs only the
-#   tests marked gpu (the CPU ones run in CI).
+#   PARTS: any of tests gputests sanitize bench parity e2e (default: tests sanitize bench e2e); gputests runs only
+#   the tests marked gpu (the CPU ones run in CI); parity checks Mistral and Qwen2 (8 layers) against fp32.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=""; PARTS=()
@@ -44,6 +44,12 @@ if want sanitize; then
 fi
 if want bench; then
   step bench_kernels bench_kernels.log python3 perf/bench_kernels.py $QUICK
+fi
+if want parity; then
+  for preset in mistral-7b qwen2-7b; do
+    step "parity_$preset" "parity_$preset.log" python3 -m fusedops.perf --preset "$preset" --layers 8 --parity-only \
+      --out "$OUT"
+  done
 fi
 if want e2e; then
   step run_stage run_stage.log python3 perf/bench_run_stage.py
