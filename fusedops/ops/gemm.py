@@ -9,7 +9,9 @@
 block == I (the intermediate size) is plain concatenation [Wg; Wu]. The CUTLASS SwiGLU kernels need
 block == GATE_UP_BLOCK (half their tile N); any other block runs on cuBLAS.
 
-The CUDA path dispatches by token count M and reduction size K (ROUTES): a CUTLASS instantiation from
+Decode token counts (M <= GEMV_MAX_M) run the weight-streaming GEMV of fusedops/ops/gemv.py wherever
+it can take the call (bf16/fp16, K a multiple of 8, 16-byte aligned rows). Above that, the CUDA path
+dispatches by token count M and reduction size K (ROUTES): a CUTLASS instantiation from
 fusedops/gemm_codegen.py where it measured faster on the H100, cuBLAS (torch) otherwise, and cuBLAS
 for whatever CUTLASS cannot take (bias, non-bf16, misaligned rows). The direct entry points
 cutlass_linear / cutlass_gate_up_silu raise ValueError instead. Numbers: perf/notes/gemm.md.
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from ..gemm_codegen import VARIANTS, Variant
 from ..runtime import compiler, register_source
+from . import gemv
 from ._launch import check_cuda, check_dtype, check_same_dtype, rows_view
 
 CUTLASS_ARCH = "sm_90a"
@@ -66,6 +69,11 @@ ROUTES: dict[str, tuple[Route, ...]] = {
     "gate_up_silu": (Route(512, _SWIGLU_SMALL), Route(4096, _SWIGLU_LARGE),
                      Route(_ALL, _SWIGLU_LARGE, swizzle=8, raster=1)),
 }
+
+
+# Token counts up to which each op runs the GEMV (before ROUTES is consulted). H100, perf/notes/gemv.md:
+# at M <= 16 it streams the weights faster than cuBLAS and the CUTLASS SwiGLU kernel on every decode shape.
+GEMV_MAX_M = {"linear": gemv.MAX_M, "linear_residual": gemv.MAX_M, "gate_up_silu": gemv.MAX_M}
 
 
 def route_for(op: str, m: int, k: int) -> Route:
@@ -339,6 +347,8 @@ def _(x, weight, bias=None):
     _validate_linear(x, weight)
     _validate_bias(bias, weight, x)
     x2 = rows_view("x", x)
+    if x2.shape[0] <= GEMV_MAX_M["linear"] and not gemv.linear_problem(x2, weight, bias):
+        return gemv.gemv_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     route = _cutlass_route("linear", x2, weight) if bias is None else None
     if route is None:
         return F.linear(x, weight, bias)
@@ -349,6 +359,8 @@ def _(x, weight, bias=None):
 def _(x, weight, residual):
     _validate_residual(x, weight, residual)
     x2, res2 = rows_view("x", x), rows_view("residual", residual)
+    if x2.shape[0] <= GEMV_MAX_M["linear_residual"] and not gemv.linear_problem(x2, weight, None, res2):
+        return gemv.gemv_linear(x2, weight, None, res2).view(residual.shape)
     route = _cutlass_route("linear_residual", x2, weight, res2)
     if route is None:
         return residual + F.linear(x, weight)
@@ -359,6 +371,8 @@ def _(x, weight, residual):
 def _(x, w_gate_up, block):
     _validate_gate_up(x, w_gate_up, block)
     x2 = rows_view("x", x)
+    if x2.shape[0] <= GEMV_MAX_M["gate_up_silu"] and not gemv.gate_up_problem(x2, w_gate_up, block):
+        return gemv.gemv_gate_up_silu(x2, w_gate_up, block).view(*x.shape[:-1], -1)
     route = _cutlass_route("gate_up_silu", x2, w_gate_up) if block == GATE_UP_BLOCK else None
     if route is None or w_gate_up.shape[0] % (2 * block):
         return gate_up_silu_reference(x, w_gate_up, block)

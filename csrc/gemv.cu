@@ -1,0 +1,221 @@
+// Skinny GEMM for decode token counts: out[M, N] = epilogue(x[M, K] @ W[N, K]^T), M <= 16, bf16 / fp16 in,
+// fp32 accumulate. At these M the op is bound by streaming W once from HBM, so the kernel is built around
+// the weight stream: every thread issues several 16-byte non-caching loads of W before it uses any.
+//
+// Tensor cores with the operands swapped (W rows are the mma's M side, tokens its N side): a CUDA-core GEMV
+// needs 8·M FMAs per 16 weight bytes, which at M = 16 is about the H100's whole fp32 rate at copy bandwidth.
+// One mma.sync m16n8k16 covers 16 W rows x 8 tokens. Because the sum over k does not care about order, each
+// lane feeds the mma the 8 consecutive k it loaded with one 16-byte load (W rows g and g+8) and the same 8 k
+// of x token g: the A and B fragments then agree on a permuted k, and no shuffle or shared-memory staging
+// is needed. A CTA owns one 16-output slice; its warps split K and add their fragments through shared
+// memory at the end, where the epilogue (bias, residual, or SwiGLU) runs once per output.
+#include "common/vec.cuh"
+
+struct GemvParams {
+    void* out;
+    const void* x;
+    const void* weight;
+    const void* bias;      // [N] or null (linear only)
+    const void* residual;  // [M, N] rows or null (linear only): out = residual + round(x W^T)
+    int64_t m;
+    int64_t n;             // output columns (SwiGLU: the intermediate size, half of W's rows)
+    int64_t k;
+    int64_t x_row_stride;  // elements, all four
+    int64_t w_row_stride;
+    int64_t residual_row_stride;
+    int64_t out_row_stride;
+    int64_t block;         // SwiGLU: W interleaves gate and up rows in blocks of this many (multiple of 16)
+};
+
+namespace fusedops {
+namespace gemv {
+
+template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU>
+struct Traits {
+    using T = T_;
+    static constexpr int kTokenTiles = TOKEN_TILES;      // 8-token mma tiles: M <= 8 * kTokenTiles
+    static constexpr int kWarps = WARPS;                 // split K inside the CTA
+    static constexpr int kUnroll = UNROLL;               // 16-byte loads per W row per lane per step
+    static constexpr bool kSwiglu = SWIGLU;
+    static constexpr int kRowTiles = SWIGLU ? 2 : 1;     // 16-row W tiles per CTA: gate + up, or one
+    static constexpr int kThreads = 32 * kWarps;
+    static constexpr int kStepK = 4 * 8 * kUnroll;       // k one warp covers per step: 4 lanes x 8 x unroll
+    static constexpr int kFragments = kRowTiles * kTokenTiles * 128;  // accumulator floats per warp
+    static constexpr int kSmemBytes = kWarps * kFragments * 4;
+    static_assert(kSmemBytes <= 48 * 1024, "partial sums must fit static shared memory");
+    static_assert(sizeof(T) == 2, "mma.sync path is for 16-bit inputs");
+};
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+};
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+};
+
+// W is read exactly once: keep it out of L1 (x, reused by every warp, stays there).
+__device__ __forceinline__ uint4 load_weight(const void* ptr) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(ptr));
+    return v;
+}
+
+// A float rounded through T, as PyTorch's `.to(dtype)` between steps of the reference does.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+
+__device__ __forceinline__ uint4 load_x(const void* ptr) { return __ldg(static_cast<const uint4*>(ptr)); }
+
+// mma of one 16-row W tile (lane's rows g, g+8: lo, hi) with one 8-token x tile, over the 8 k of one load.
+template <typename T>
+__device__ __forceinline__ void mma_8k(float (&acc)[4], const uint4& lo, const uint4& hi, const uint4& xv) {
+    Mma<T>::run(acc, lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
+    Mma<T>::run(acc, lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
+}
+
+template <class Tr>
+struct Cta {
+    using T = typename Tr::T;
+    const T* w[Tr::kRowTiles][2];      // this lane's W rows (g, g + 8) of each tile, at its k offset
+    const T* x[Tr::kTokenTiles];       // this lane's x token (g, g + 8) at its k offset
+    bool token_ok[Tr::kTokenTiles];
+    float acc[Tr::kRowTiles][Tr::kTokenTiles][4];
+
+    // One step of Tr::kStepK k starting at k0. CHECK: the step may run past K (the last, partial one).
+    template <bool CHECK>
+    __device__ __forceinline__ void step(int64_t k0, int64_t k) {
+        uint4 wv[Tr::kRowTiles][2][Tr::kUnroll], xv[Tr::kTokenTiles][Tr::kUnroll];
+        const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int u = 0; u < Tr::kUnroll; ++u) {
+            const int64_t at = k0 + 32 * u;
+            const bool in = !CHECK || at + 8 * (threadIdx.x & 3) < k;
+#pragma unroll
+            for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) wv[j][h][u] = in ? load_weight(w[j][h] + at) : zero;
+#pragma unroll
+            for (int t = 0; t < Tr::kTokenTiles; ++t) xv[t][u] = in && token_ok[t] ? load_x(x[t] + at) : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < Tr::kUnroll; ++u)
+#pragma unroll
+            for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+                for (int t = 0; t < Tr::kTokenTiles; ++t) mma_8k<T>(acc[j][t], wv[j][0][u], wv[j][1][u], xv[t][u]);
+    }
+};
+
+// First W row of row tile j for the CTA whose outputs start at column col0.
+template <class Tr>
+__device__ __forceinline__ int64_t tile_row(const GemvParams& p, int64_t col0, int j) {
+    if constexpr (Tr::kSwiglu) return (col0 / p.block) * 2 * p.block + col0 % p.block + j * p.block;
+    return col0;
+}
+
+template <class Tr>
+__device__ __forceinline__ void gemv_cta(const GemvParams& p) {
+    using T = typename Tr::T;
+    __shared__ float partial[Tr::kWarps][Tr::kFragments];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, quad = lane & 3;
+    const int64_t col0 = static_cast<int64_t>(blockIdx.x) * 16;
+    const int64_t w_rows = Tr::kSwiglu ? 2 * p.n : p.n;
+
+    Cta<Tr> cta;
+#pragma unroll
+    for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            // Rows past N (last CTA) read row N-1 and are never stored: no branch in the stream.
+            const int64_t row = min(tile_row<Tr>(p, col0, j) + g + 8 * h, w_rows - 1);
+            cta.w[j][h] = static_cast<const T*>(p.weight) + row * p.w_row_stride + 8 * quad;
+        }
+#pragma unroll
+    for (int t = 0; t < Tr::kTokenTiles; ++t) {
+        const int token = g + 8 * t;
+        cta.token_ok[t] = token < p.m;
+        cta.x[t] = static_cast<const T*>(p.x) + (cta.token_ok[t] ? token : 0) * p.x_row_stride + 8 * quad;
+#pragma unroll
+        for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) cta.acc[j][t][c] = 0.f;
+    }
+
+    // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
+    const int64_t full_steps = p.k / Tr::kStepK;
+    for (int64_t s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(s * Tr::kStepK, p.k);
+    if (p.k % Tr::kStepK && full_steps % Tr::kWarps == warp) cta.template step<true>(full_steps * Tr::kStepK, p.k);
+
+#pragma unroll
+    for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+        for (int t = 0; t < Tr::kTokenTiles; ++t)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) partial[warp][((j * Tr::kTokenTiles + t) * 32 + lane) * 4 + c] = cta.acc[j][t][c];
+    __syncthreads();
+
+    // Accumulator element i of a token tile: lane i/4 holds rows (lane/4, +8 for c >= 2), tokens 2(lane%4) + c%2.
+    for (int i = threadIdx.x; i < Tr::kTokenTiles * 128; i += Tr::kThreads) {
+        const int t = i >> 7, e = i & 127, c = e & 3, ln = e >> 2;
+        const int64_t token = 8 * t + 2 * (ln & 3) + (c & 1);
+        const int64_t col = col0 + (ln >> 2) + (c & 2 ? 8 : 0);
+        if (token >= p.m || col >= p.n) continue;
+        float sum[Tr::kRowTiles];
+#pragma unroll
+        for (int j = 0; j < Tr::kRowTiles; ++j) {
+            sum[j] = 0.f;
+#pragma unroll
+            for (int w = 0; w < Tr::kWarps; ++w) sum[j] += partial[w][(j * Tr::kTokenTiles + t) * 128 + e];
+        }
+        T* out = static_cast<T*>(p.out) + token * p.out_row_stride + col;
+        if constexpr (Tr::kSwiglu) {
+            // HF LlamaMLP rounding: gate and up products, silu(gate) and the product each in the model dtype.
+            const float gate = round_to<T>(sum[0]), up = round_to<T>(sum[1]);
+            *out = from_float<T>(round_to<T>(gate / (1.f + __expf(-gate))) * up);
+        } else {
+            float y = sum[0];
+            if (p.bias) y += to_float(static_cast<const T*>(p.bias)[col]);
+            if (p.residual)  // HF order: residual + o_proj(x), the product rounded first
+                y = to_float(static_cast<const T*>(p.residual)[token * p.residual_row_stride + col]) + round_to<T>(y);
+            *out = from_float<T>(y);
+        }
+    }
+}
+
+}  // namespace gemv
+}  // namespace fusedops
+
+// Instantiations: gemv_<linear|swiglu>_<dtype>_m<8|16>_w<warps>_u<unroll> (fusedops/ops/gemv.py KERNELS).
+#define FUSEDOPS_GEMV_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U)                                           \
+    extern "C" __global__ void __launch_bounds__(32 * W)                                                             \
+        gemv_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U(const __grid_constant__ GemvParams p) {                       \
+        fusedops::gemv::gemv_cta<fusedops::gemv::Traits<T, TILES, W, U, IS_SWIGLU>>(p);                              \
+    }
+#define FUSEDOPS_GEMV_TUNINGS(T, SUFFIX, TILES, MAXM)                  \
+    FUSEDOPS_GEMV_KERNEL(T, SUFFIX, linear, false, TILES, MAXM, 4, 4)  \
+    FUSEDOPS_GEMV_KERNEL(T, SUFFIX, linear, false, TILES, MAXM, 8, 2)  \
+    FUSEDOPS_GEMV_KERNEL(T, SUFFIX, linear, false, TILES, MAXM, 8, 4)  \
+    FUSEDOPS_GEMV_KERNEL(T, SUFFIX, swiglu, true, TILES, MAXM, 4, 4)   \
+    FUSEDOPS_GEMV_KERNEL(T, SUFFIX, swiglu, true, TILES, MAXM, 8, 2)   \
+    FUSEDOPS_GEMV_KERNEL(T, SUFFIX, swiglu, true, TILES, MAXM, 8, 4)
+#define FUSEDOPS_GEMV_DTYPE(T, SUFFIX)            \
+    FUSEDOPS_GEMV_TUNINGS(T, SUFFIX, 1, 8)        \
+    FUSEDOPS_GEMV_TUNINGS(T, SUFFIX, 2, 16)
+
+FUSEDOPS_GEMV_DTYPE(__nv_bfloat16, bf16)
+FUSEDOPS_GEMV_DTYPE(__half, fp16)
