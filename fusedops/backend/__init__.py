@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .cudagraphs import GraphRunner, cuda_graph_blocker
+from .int4 import apply_int4
 from .options import BackendOptions, parse_options
 from .report import Report, log_enabled
 from .rewrite import RewriteOptions, rewrite_graph
@@ -55,6 +56,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, opts: BackendOptions
                                                             {"fusions": opts.fusions}))
     result = rewrite_graph(gm, example_inputs, rewrite_opts)
     report = result.report
+    if opts.weights == "int4":
+        apply_int4(result.gm, example_inputs, report, opts.int4_lm_head)
     fn = _run_rest(result.gm, example_inputs, opts.fallback)
     if not opts.cuda_graphs:
         blocker = "off (options or mode)"

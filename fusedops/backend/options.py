@@ -32,6 +32,7 @@ MODES = {
     "max-autotune-no-cudagraphs": dict(cuda_graphs=False, clone_outputs=True),
 }
 FALLBACKS = ("eager", "inductor")
+WEIGHTS = ("model", "int4")  # "int4": fused projections on group-128 int4 weights (backend/int4.py)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class BackendOptions:
     fallback: str = "eager"                 # what runs the graph after the rewrite: "eager" | "inductor"
     dry_run: bool = False                   # report only: the graph runs unchanged
     log: bool = field(default_factory=lambda: os.environ.get("FUSEDOPS_LOG", "0") not in ("", "0"))
+    weights: str = "model"                  # "model": the model's own dtype; "int4": W4A16 projections
+    int4_lm_head: bool = False              # with weights="int4": lm_head on int4 too (backend/int4.py)
 
 
 def _bool(key: str, value) -> bool:
@@ -85,6 +88,12 @@ def _fallback(value) -> str:
     return value
 
 
+def _weights(value) -> str:
+    if value not in WEIGHTS:
+        raise ValueError(f"options['weights']: expected one of {WEIGHTS}, got {value!r}")
+    return value
+
+
 PARSERS = {
     "fusions": _fusions,
     "cuda_graphs": lambda v: _bool("cuda_graphs", v),
@@ -96,6 +105,8 @@ PARSERS = {
     "fallback": _fallback,
     "dry_run": lambda v: _bool("dry_run", v),
     "log": lambda v: _bool("log", v),
+    "weights": _weights,
+    "int4_lm_head": lambda v: _bool("int4_lm_head", v),
 }
 
 
@@ -112,4 +123,6 @@ def parse_options(mode: str | None = None, options: dict | None = None) -> Backe
         raise ValueError(f"options: unknown key {unknown[0]!r} (known: {sorted(PARSERS)})")
     values = dict(MODES[mode])
     values.update({key: PARSERS[key](value) for key, value in options.items()})
+    if values.get("int4_lm_head") and values.get("weights") != "int4":
+        raise ValueError("options['int4_lm_head']: needs options['weights'] = 'int4'")
     return BackendOptions(**values)
