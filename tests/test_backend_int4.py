@@ -1,0 +1,139 @@
+"""fusedops/backend/int4.py: options={"weights": "int4"} on a tiny HF Llama (CPU): exact op counts,
+parity with the fused bf16 path and with eager on dequantized weights, the cache, the options."""
+import copy
+
+import pytest
+import torch
+
+import fusedops  # noqa: F401  (registers the ops and the backend)
+import fusedops.backend as backend
+from fusedops import quant
+from fusedops.backend import int4
+from fusedops.backend.options import parse_options
+
+transformers = pytest.importorskip("transformers")
+
+LAYERS, VOCAB = 2, 97
+
+
+def model():
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                   max_position_embeddings=128)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval().to(torch.bfloat16)
+
+
+def dequantized_copy(m, lm_head):
+    """The model with every projection the pass swaps replaced by its int4 round trip."""
+    d = copy.deepcopy(m)
+    for name, mod in d.named_modules():
+        if isinstance(mod, torch.nn.Linear) and (lm_head or name != "lm_head"):
+            mod.weight.data = quant.dequantize(*quant.quantize(mod.weight.data))
+    return d
+
+
+def ids():
+    return torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_logits(m, options, monkeypatch=None):
+    reports = []
+    compile_graph = backend.compile_graph
+
+    def spy(gm, example_inputs, opts):
+        fn, report = compile_graph(gm, example_inputs, opts)
+        reports.append(report)
+        return fn, report
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend, "compile_graph", spy)
+        with torch.no_grad():
+            logits = torch.compile(m, backend="fusedops", options=options)(ids()).logits
+    return logits, reports
+
+
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_counts_and_parity(lm_head):
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    logits, reports = compiled_logits(m, {"weights": "int4", "int4_lm_head": lm_head})
+    ops = reports[0].ops_after
+    assert ops["fusedops.linear_w4"] == LAYERS + lm_head             # stacked q/k/v (+ lm_head)
+    assert ops["fusedops.linear_residual_w4"] == 2 * LAYERS          # o_proj, down_proj
+    assert ops["fusedops.gate_up_silu_w4"] == LAYERS
+    assert ops["fusedops.linear"] == ops["fusedops.linear_residual"] == ops["fusedops.gate_up_silu"] == 0
+    assert ops["linear"] == (0 if lm_head else 1)
+    assert reports[0].matches["int4"] == 4 * LAYERS + lm_head
+    # the user's bf16 weights are still there, unchanged
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # parity: the fused bf16 path on dequantized weights computes the very same thing
+    torch._dynamo.reset()
+    d = dequantized_copy(m, lm_head)
+    same, _ = compiled_logits(d, {})
+    assert rel(logits, same) < 1e-6
+    with torch.no_grad():
+        eager = d(ids()).logits
+    assert rel(logits, eager) < 2e-2
+
+
+def test_quantized_once_and_shared(monkeypatch):
+    graphs = []
+    apply = backend.apply_int4
+    monkeypatch.setattr(backend, "apply_int4", lambda gm, *a: (graphs.append(gm), apply(gm, *a)))
+    m = model()
+    compiled_logits(m, {"weights": "int4"})
+    n = len(int4.STORE)
+    torch._dynamo.reset()
+    _, reports = compiled_logits(m, {"weights": "int4"})
+    assert len(int4.STORE) == n
+    assert all("(cached)" in r for r in reports[0].replacements if r.startswith("int4"))
+    # the rewritten graph holds int4 buffers only, no bf16 prepared weight it swapped out
+    names = [name for name, _ in graphs[-1].named_buffers()]
+    assert len([b for b in names if b.startswith("fusedops_int4_qweight")]) == 4 * LAYERS
+    assert not [b for b in names if b.startswith(("fusedops_qkv", "fusedops_gate_up"))]
+
+
+def test_dry_run_and_fused_off_leave_weights():
+    m = model()
+    _, reports = compiled_logits(m, {"weights": "int4", "dry_run": True})
+    assert reports[0].ops_after["fusedops.linear_w4"] == 0
+    assert any("int4: dry run" in n for n in reports[0].notes)
+    torch._dynamo.reset()
+    _, reports = compiled_logits(m, {"weights": "int4", "fusions": ["rms_norm"]})
+    assert reports[0].matches["int4"] == 0 and reports[0].ops_after["linear"] == 7 * LAYERS + 1
+
+
+def test_options():
+    assert parse_options().weights == "model" and not parse_options().int4_lm_head
+    o = parse_options(options={"weights": "int4", "int4_lm_head": True})
+    assert o.weights == "int4" and o.int4_lm_head
+    with pytest.raises(ValueError, match=r"^options\['weights'\]"):
+        parse_options(options={"weights": "int8"})
+    with pytest.raises(ValueError, match=r"^options\['int4_lm_head'\]"):
+        parse_options(options={"int4_lm_head": True})
+    with pytest.raises(ValueError, match=r"^options\['int4_lm_head'\]"):
+        parse_options(options={"weights": "int4", "int4_lm_head": 1})
+
+
+def test_k_not_multiple_of_group_is_a_near_miss():
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval().to(torch.bfloat16)
+    _, reports = compiled_logits(m, {"weights": "int4"})
+    misses = [n for n in reports[0].near_misses if n.pattern == "int4"]
+    assert reports[0].matches["int4"] == 1 and len(misses) == 3   # down_proj has K = 128
+    assert all("multiple of the group size" in n.reason for n in misses)
