@@ -50,7 +50,7 @@ template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {
     static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
             "{%0,%1,%2,%3};"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -59,27 +59,37 @@ template <> struct Mma<__nv_bfloat16> {
 template <> struct Mma<__half> {
     static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
             "{%0,%1,%2,%3};"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
     }
 };
 
-// W is read exactly once: keep it out of L1 (x, reused by every warp, stays there).
+// Every load of a step must be in flight before its first mma. Left alone, the compiler interleaved loads
+// and mmas to save registers and kept only 2-5 loads in flight a thread (SASS of run 1: 8 warps x 4 loads
+// reached 74 % of copy on qkv, fewer loads 87 %). So loads and mmas are volatile asm (NVVM keeps their
+// order), a step never branches around a load, and a __syncwarp() between them stops ptxas moving loads
+// down (SASS now: all of a step's LDG.128 before the first HMMA, the next step's issued under its mmas).
+// W is read exactly once: keep it out of L1.
 __device__ __forceinline__ uint4 load_weight(const void* ptr) {
     uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(ptr));
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+    return v;
+}
+
+// x is reused by every warp of every CTA: cached.
+__device__ __forceinline__ uint4 load_x(const void* ptr) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
     return v;
 }
 
 // A float rounded through T, as PyTorch's `.to(dtype)` between steps of the reference does.
 template <typename T>
 __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
-
-__device__ __forceinline__ uint4 load_x(const void* ptr) { return __ldg(static_cast<const uint4*>(ptr)); }
 
 // mma of one 16-row W tile (lane's rows g, g+8: lo, hi) with one 8-token x tile, over the 8 k of one load.
 template <typename T>
@@ -97,21 +107,26 @@ struct Cta {
     float acc[Tr::kRowTiles][Tr::kTokenTiles][4];
 
     // One step of Tr::kStepK k starting at k0. CHECK: the step may run past K (the last, partial one).
+    // Loads are never skipped, only their values zeroed (out-of-range ones read offset 0 instead): a
+    // branch around a volatile load would split the step and the loads would no longer issue together.
     template <bool CHECK>
     __device__ __forceinline__ void step(int64_t k0, int64_t k) {
         uint4 wv[Tr::kRowTiles][2][Tr::kUnroll], xv[Tr::kTokenTiles][Tr::kUnroll];
-        const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int u = 0; u < Tr::kUnroll; ++u) {
-            const int64_t at = k0 + 32 * u;
-            const bool in = !CHECK || at + 8 * (threadIdx.x & 3) < k;
+            const bool in = !CHECK || k0 + 32 * u + 8 * (threadIdx.x & 3) < k;
+            const int64_t at = in ? k0 + 32 * u : 0;
 #pragma unroll
             for (int j = 0; j < Tr::kRowTiles; ++j)
 #pragma unroll
-                for (int h = 0; h < 2; ++h) wv[j][h][u] = in ? load_weight(w[j][h] + at) : zero;
+                for (int h = 0; h < 2; ++h) wv[j][h][u] = load_weight(w[j][h] + at);
 #pragma unroll
-            for (int t = 0; t < Tr::kTokenTiles; ++t) xv[t][u] = in && token_ok[t] ? load_x(x[t] + at) : zero;
+            for (int t = 0; t < Tr::kTokenTiles; ++t) xv[t][u] = load_x(x[t] + at);
+#pragma unroll
+            for (int t = 0; t < Tr::kTokenTiles; ++t)
+                if (!(in && token_ok[t])) xv[t][u] = make_uint4(0, 0, 0, 0);  // zero x: its W products vanish
         }
+        __syncwarp();  // loads stay above, mmas below: ptxas otherwise interleaves them (see load_weight)
 #pragma unroll
         for (int u = 0; u < Tr::kUnroll; ++u)
 #pragma unroll
@@ -206,10 +221,12 @@ __device__ __forceinline__ void gemv_cta(const GemvParams& p) {
         gemv_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U(const __grid_constant__ GemvParams p) {                       \
         fusedops::gemv::gemv_cta<fusedops::gemv::Traits<T, TILES, W, U, IS_SWIGLU>>(p);                              \
     }
+// SwiGLU reads two W tiles: at 16 warps (128 registers a thread) it spilled, so it stops at 8.
 #define FUSEDOPS_GEMV_TUNINGS(T, SUFFIX, TILES, MAXM)                  \
-    FUSEDOPS_GEMV_KERNEL(T, SUFFIX, linear, false, TILES, MAXM, 4, 4)  \
     FUSEDOPS_GEMV_KERNEL(T, SUFFIX, linear, false, TILES, MAXM, 8, 2)  \
     FUSEDOPS_GEMV_KERNEL(T, SUFFIX, linear, false, TILES, MAXM, 8, 4)  \
+    FUSEDOPS_GEMV_KERNEL(T, SUFFIX, linear, false, TILES, MAXM, 16, 2) \
+    FUSEDOPS_GEMV_KERNEL(T, SUFFIX, linear, false, TILES, MAXM, 16, 4) \
     FUSEDOPS_GEMV_KERNEL(T, SUFFIX, swiglu, true, TILES, MAXM, 4, 4)   \
     FUSEDOPS_GEMV_KERNEL(T, SUFFIX, swiglu, true, TILES, MAXM, 8, 2)   \
     FUSEDOPS_GEMV_KERNEL(T, SUFFIX, swiglu, true, TILES, MAXM, 8, 4)

@@ -95,7 +95,7 @@ def sweep(copy_gbs):
     for label, op, n, k in SHAPES:
         for m in SWEEP_M:
             p = Problem(op, n, k, m)
-            for tuning in gemv.TUNINGS:
+            for tuning in gemv.TUNINGS["swiglu" if op == "swiglu" else "linear"]:
                 us, err = measure(p, lambda: p.gemv(tuning))
                 rows.append({"shape": label, "M": m, "warps x unroll": f"{tuning[0]}x{tuning[1]}", "µs": us,
                              "% copy": 100 * p.bytes / us / 1e3 / copy_gbs, "rel err": f"{err:.1e}"})

@@ -31,14 +31,18 @@ def test_nvcc_builds_every_tuning_without_spills_and_with_streaming_loads_and_mm
     cubin = compiler.build(gemv.SOURCE, "sm_90a")
     log = cubin.with_name(cubin.name + ".log").read_text()
     entries = set(re.findall(r"Compiling entry function '(\w+)'", log))
-    wanted = {gemv.kernel_name(kind, dtype, m, tuning) for kind in ("linear", "swiglu") for dtype in DTYPES
-              for m in (1, 16) for tuning in gemv.TUNINGS}
+    wanted = {gemv.kernel_name(kind, dtype, m, tuning) for kind, tunings in gemv.TUNINGS.items()
+              for dtype in DTYPES for m in (1, 16) for tuning in tunings}
     assert wanted <= entries, f"missing kernels: {sorted(wanted - entries)}"
     assert len(re.findall(r"\b0 bytes spill stores", log)) == len(entries), "a GEMV kernel spills"
     if _has_cuobjdump():
         sass = compiler.disassemble(cubin)
-        assert re.search(r"LDG\.E\.[A-Z.]*128", sass), "no 16-byte weight loads"
+        assert "LDG.E.NA.LTC256B.128.CONSTANT" in sass, "no 16-byte non-caching weight loads"
         assert "HMMA.16816.F32.BF16" in sass and "HMMA.16816.F32" in sass
+        # A step's loads are all issued before its first mma (8 warps x 4: 8 W + 4 x loads a thread).
+        body = sass.split("Function : gemv_linear_bf16_m8_w8_u4")[1].split("Function :")[0]
+        first_mma = body.index("HMMA")
+        assert body[:first_mma].count("LDG.E.NA.LTC256B.128") >= 8, "weight loads interleaved with the mmas"
     else:  # the CPU box has no cuobjdump: check the PTX the SASS comes from
         ptx = compiler.emit_ptx(gemv.SOURCE, "sm_90a")
         assert "ld.global.nc.L1::no_allocate.L2::256B.v4.u32" in ptx
@@ -72,7 +76,7 @@ def test_kernel_name_picks_the_token_tile_and_rejects_unbuilt_tunings():
     assert gemv.kernel_name("linear", torch.bfloat16, 8, (8, 4)) == "gemv_linear_bf16_m8_w8_u4"
     assert gemv.kernel_name("swiglu", torch.float16, 9, (4, 4)) == "gemv_swiglu_fp16_m16_w4_u4"
     with pytest.raises(ValueError, match="^tuning:"):
-        gemv.kernel_name("linear", torch.bfloat16, 1, (16, 1))
+        gemv.kernel_name("swiglu", torch.bfloat16, 1, (16, 4))
 
 
 def test_gemm_ops_send_only_decode_sizes_the_gemv_can_take():
@@ -115,7 +119,7 @@ def test_linear_matches_fp32(dtype, m, n, k, epilogue):
     res = random_with_outliers((m, n), dtype, "cuda", g) if epilogue == "residual" else None
     ref = x.float() @ w.float().T + (bias.float() if bias is not None else 0) + (res.float() if res is not None else 0)
     torch_out = F.linear(x, w, bias) + (res if res is not None else 0)
-    for tuning in gemv.TUNINGS:
+    for tuning in gemv.TUNINGS["linear"]:
         out = poison_(torch.empty(m, n, dtype=dtype, device="cuda"))
         gemv.gemv_linear(x, w, bias, res, out=out, tuning=tuning)
         _check(out, ref, torch_out)
@@ -135,7 +139,7 @@ def test_gate_up_silu_matches_fp32(dtype, m, inter, k, block):
     xf = x.float()
     ref = F.silu(xf @ w_gate.float().T) * (xf @ w_up.float().T)
     torch_out = gemm.gate_up_silu_reference(x, w, block)
-    for tuning in gemv.TUNINGS:
+    for tuning in gemv.TUNINGS["swiglu"]:
         out = poison_(torch.empty(m, inter, dtype=dtype, device="cuda"))
         gemv.gemv_gate_up_silu(x, w, block, out=out, tuning=tuning)
         _check(out, ref, torch_out)

@@ -22,10 +22,10 @@ SOURCE = register_source("gemv", "gemv.cu")
 
 MAX_M = 16
 ROWS_PER_CTA = 16  # outputs a CTA owns (one mma row tile; SwiGLU reads 16 gate + 16 up rows)
-# (warps, 16-byte loads per row per lane per step) compiled for each epilogue (csrc/gemv.cu). TUNING picks one:
-# H100 sweep in perf/notes/gemv.md.
-TUNINGS = ((4, 4), (8, 2), (8, 4))
-TUNING = {"linear": (8, 4), "swiglu": (8, 2)}
+# (warps, 16-byte loads per W row per lane per step) compiled for each epilogue (csrc/gemv.cu); TUNING picks
+# one per epilogue: H100 sweep in perf/notes/gemv.md.
+TUNINGS = {"linear": ((8, 2), (8, 4), (16, 2), (16, 4)), "swiglu": ((4, 4), (8, 2), (8, 4))}
+TUNING = {"linear": (8, 4), "swiglu": (8, 4)}
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -40,8 +40,8 @@ class GemvParams(ctypes.Structure):
 
 def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int]] = None) -> str:
     warps, unroll = tuning or TUNING[kind]
-    if (warps, unroll) not in TUNINGS:
-        raise ValueError(f"tuning: {(warps, unroll)} is not compiled (one of {TUNINGS})")
+    if (warps, unroll) not in TUNINGS[kind]:
+        raise ValueError(f"tuning: {(warps, unroll)} is not compiled for {kind} (one of {TUNINGS[kind]})")
     return f"gemv_{kind}_{DTYPE_SUFFIX[dtype]}_m{8 if m <= 8 else 16}_w{warps}_u{unroll}"
 
 
