@@ -1,6 +1,7 @@
 """fusedops: fused CUDA kernels for Llama-family models behind torch.compile(backend="fusedops")."""
 from . import ops  # noqa: F401  (registers torch.ops.fusedops.*)
 from .explain import explain
+from .loader import load_safetensors
 
 
 def _register_backend_name() -> None:
@@ -19,6 +20,6 @@ def _register_backend_name() -> None:
 
 _register_backend_name()
 
-__all__ = ["explain"]
+__all__ = ["explain", "load_safetensors"]
 
 __version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""Safetensors loading onto the GPU: fusedops.load_safetensors vs safetensors.torch.load_file(device="cuda"),
+both against the pinned host-to-device bandwidth measured in the same run, on a multi-GB bf16 checkpoint
+(Llama-3-8B-shaped tensors) this script writes itself. The files were just written, so the warm rows read
+from the page cache (RAM); the cold rows first evict one file with posix_fadvise(DONTNEED).
+Run: PYTHONPATH=.:perf python3 perf/bench_loader.py [--gb 6] [--files 4] [--dir /tmp/fusedops_ckpt]"""
+import argparse
+import os
+import shutil
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common import table
+from fusedops import load_safetensors
+from fusedops.loader import _map
+
+EMBED = (128256, 4096)
+LAYER = {"self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (1024, 4096),
+         "self_attn.v_proj.weight": (1024, 4096), "self_attn.o_proj.weight": (4096, 4096),
+         "mlp.gate_proj.weight": (14336, 4096), "mlp.up_proj.weight": (14336, 4096),
+         "mlp.down_proj.weight": (4096, 14336), "input_layernorm.weight": (4096,),
+         "post_attention_layernorm.weight": (4096,)}
+SWEEP = ((16 << 20, 2), (64 << 20, 2), (64 << 20, 3), (64 << 20, 4), (256 << 20, 2), (256 << 20, 3))
+RUNS = 3
+
+
+def write_checkpoint(folder: Path, gb: float, files: int) -> dict:
+    """Random bf16 tensors on the GPU (kept as the reference), saved into `files` shards."""
+    layer_bytes = 2 * sum(torch.Size(s).numel() for s in LAYER.values())
+    layers = max(1, round((gb * 1e9 - 2 * EMBED[0] * EMBED[1]) / layer_bytes))
+    names = {"model.embed_tokens.weight": EMBED}
+    names.update({f"model.layers.{i}.{k}": s for i in range(layers) for k, s in LAYER.items()})
+    ref = {n: torch.randn(s, device="cuda", dtype=torch.bfloat16) for n, s in names.items()}
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    items, total = list(ref.items()), sum(t.numel() * 2 for t in ref.values())
+    shard, size, index = {}, 0, 0
+    for i, (name, t) in enumerate(items):
+        shard[name] = t.cpu()
+        size += t.numel() * 2
+        if size >= total / files or i == len(items) - 1:
+            save_file(shard, folder / f"model-{index:05d}.safetensors")
+            shard, size, index = {}, 0, index + 1
+    return ref
+
+
+def wall(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def pinned_h2d_gbs(nbytes: int = 1 << 30, pinned: bool = True) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    src.fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=pinned)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def host_copy_gbs(file: Path, chunk: int = 64 << 20) -> float:
+    """mmap -> pinned memcpy alone, in a worker thread as the loader does it (page cache warm)."""
+    data = _map(file)
+    buf = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+
+    def copy_all():
+        for a in range(0, data.numel(), chunk):
+            n = min(chunk, data.numel() - a)
+            buf[:n].copy_(data[a:a + n])
+
+    with ThreadPoolExecutor(1) as pool:
+        t0 = time.perf_counter()
+        pool.submit(copy_all).result()
+        return data.numel() / (time.perf_counter() - t0) / 1e9
+
+
+def safetensors_load(files):
+    out = {}
+    for f in files:
+        out.update(load_file(f, device="cuda"))
+    return out
+
+
+def evict(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=6.0)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/fusedops_ckpt"))
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    ref = write_checkpoint(args.dir, args.gb, args.files)
+    files = sorted(args.dir.glob("*.safetensors"))
+    nbytes = sum(f.stat().st_size for f in files)
+    print(f"wrote {nbytes / 1e9:.2f} GB in {len(files)} files, {len(ref)} tensors, "
+          f"{time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}", flush=True)
+    h2d, pageable = pinned_h2d_gbs(), pinned_h2d_gbs(pinned=False)
+    host = host_copy_gbs(files[0])
+    print(f"pinned H2D {h2d:.1f} GB/s, pageable H2D {pageable:.1f} GB/s, mmap->pinned host copy "
+          f"{host:.1f} GB/s on {torch.cuda.get_device_name()}", flush=True)
+
+    def row(case, seconds, out, baseline=None):
+        ok = out.keys() == ref.keys() and all(torch.equal(out[k], ref[k]) for k in ref)
+        gbs = nbytes / seconds / 1e9
+        return {"case": case, "s": seconds, "GB/s": gbs, "% pinned H2D": 100 * gbs / h2d,
+                "x safetensors": f"{baseline / seconds:.2f}" if baseline else "-", "bytes equal": ok}
+
+    def runs(fn):
+        """First call (pinned / device allocations cold) and the median of the next RUNS - 1."""
+        times = []
+        for _ in range(RUNS):
+            seconds, out = wall(fn)
+            times.append(seconds)
+            if len(times) < RUNS:
+                del out
+        return times[0], statistics.median(times[1:]), out
+
+    st_first, st_steady, out = runs(lambda: safetensors_load(files))
+    rows = [row("safetensors load_file, first call", st_first, out),
+            row("safetensors load_file", st_steady, out)]
+    del out
+    for staging, buffers in SWEEP:
+        first, steady, out = runs(lambda: load_safetensors(args.dir, staging_bytes=staging,
+                                                           staging_buffers=buffers))
+        label = f"fusedops {staging >> 20} MiB x {buffers}"
+        if not rows[2:]:
+            rows.append(row(label + ", first call", first, out, st_first))
+        rows.append(row(label, steady, out, st_steady))
+        del out
+    table(rows, f"Loading {nbytes / 1e9:.2f} GB of bf16 safetensors (page cache warm; pinned H2D {h2d:.1f} GB/s,"
+          f" mmap->pinned copy {host:.1f} GB/s)", "loader.md")
+
+    cold = min(files, key=lambda f: f.stat().st_size)
+    cold_rows = []
+    for case, fn in (("safetensors load_file", lambda: load_file(cold, device="cuda")),
+                     ("fusedops default staging", lambda: load_safetensors(cold))):
+        evict(cold)
+        seconds, out = wall(fn)
+        gbs = cold.stat().st_size / seconds / 1e9
+        cold_rows.append({"case": case, "s": seconds, "GB/s": gbs, "% pinned H2D": 100 * gbs / h2d,
+                          "bytes equal": all(torch.equal(v, ref[k]) for k, v in out.items())})
+        del out
+    table(cold_rows, f"Cold: {cold.name} ({cold.stat().st_size / 1e9:.2f} GB) evicted from the page cache "
+          "with posix_fadvise(DONTNEED) before each load", "loader_cold.md")
+    shutil.rmtree(args.dir)
+
+
+if __name__ == "__main__":
+    main()
