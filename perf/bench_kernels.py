@@ -17,7 +17,7 @@ import torch
 from common import OUT_DIR, copy_bandwidth_gbs, gemm_tflops
 
 # Order: the decode path first (what the backend uses most), the rest after.
-BENCHES = ["rmsnorm", "add_rmsnorm", "rope", "silu_mul", "attention_decode", "attention", "gemm",
+BENCHES = ["rmsnorm", "add_rmsnorm", "rope", "silu_mul", "attention_decode", "attention", "gemm", "gemv",
            "softmax", "layernorm", "transpose"]
 
 

@@ -23,7 +23,8 @@ SOURCE = register_source("gemv", "gemv.cu")
 MAX_M = 16
 ROWS_PER_CTA = 16  # outputs a CTA owns (one mma row tile; SwiGLU reads 16 gate + 16 up rows)
 # (warps, 16-byte loads per W row per lane per step) compiled for each epilogue (csrc/gemv.cu); TUNING picks
-# one per epilogue: H100 sweep in perf/notes/gemv.md.
+# one per epilogue. 8 x 4 was fastest or tied on every decode shape at M = 1 / 8 / 16 (H100 run 2,
+# perf/notes/gemv.md): 16 warps 1-10 % slower, 8 x 2 2-7 % slower, SwiGLU 4 x 4 4-5 % slower.
 TUNINGS = {"linear": ((8, 2), (8, 4), (16, 2), (16, 4)), "swiglu": ((4, 4), (8, 2), (8, 4))}
 TUNING = {"linear": (8, 4), "swiglu": (8, 4)}
 DTYPES = (torch.bfloat16, torch.float16)
