@@ -5,7 +5,10 @@
 // all tiles XOR-swizzled for conflict-free ldmatrix. S = Q K^T and O += P V run on mma.sync m16n8k16
 // with fp32 accumulators; the softmax is online, in fp32, with exp2. Key tiles are visited from the
 // last to the first, so the (few) tiles that need masking come first; tiles wholly above the causal
-// diagonal or past kv_len are never loaded. O is written once, through shared memory, as 16-byte rows.
+// diagonal or past kv_len are never loaded. A boolean mask comes with its block map
+// (attention_mask_blocks.cu): tiles it shows all masked are never loaded either, tiles it shows all
+// visible run unmasked, and only mixed tiles read the mask. O is written once, through shared memory,
+// as 16-byte rows.
 //
 // The variant (head dim, tile sizes, warps) comes from -D flags set by the Python table
 // PREFILL_TILES in fusedops/ops/attention.py: one cubin per variant, bf16 and fp16 kernels in each.
@@ -111,7 +114,7 @@ __device__ __forceinline__ void gemm_pv(float (&o)[Tr::kMTiles][Tr::kDTiles][4],
 struct Span {
     int seqlen_q;
     int key_end;         // keys >= key_end are invisible (Skv, clipped by kv_len)
-    int64_t causal_shift;  // query i sees key j <= i + causal_shift (kv_len or Skv, minus S)
+    int causal_shift;    // query i sees key j <= i + causal_shift (kv_len or Skv, minus S)
 };
 
 __device__ __forceinline__ Span make_span(const AttentionPrefillParams& p, int batch, int seqlen_q, int seqlen_k) {
@@ -124,9 +127,58 @@ __device__ __forceinline__ Span make_span(const AttentionPrefillParams& p, int b
     Span span;
     span.seqlen_q = seqlen_q;
     span.key_end = static_cast<int>(length < 0 ? 0 : (length < seqlen_k ? length : seqlen_k));
-    span.causal_shift = length - seqlen_q;
+    const int64_t bound = int64_t{1} << 30;  // int, not int64: one register fewer (the kernel is at the cap)
+    span.causal_shift = static_cast<int>(length < -bound ? -bound : (length > bound ? bound : length)) - seqlen_q;
     return span;
 }
+
+// The key tiles one CTA visits, from the last to the first. Without a mask: every tile below the
+// start. With one: those whose block-map cells hold a visible key. Lane i of a warp classifies tile
+// top - i, and the ballot keeps 32 tiles in one register, so the map is read once per 32 tiles
+// (coalesced) and every warp walks the same tiles. Registers are at the 255 cap: the map address is
+// rebuilt from the params when needed (masks come without varlen, so blockIdx is (batch, head)).
+template <class Tr>
+struct KeyTileWalk {
+    static constexpr int kCellRows = Tr::kBlockM / kMaskCellRows, kCellCols = Tr::kBlockN / kMaskCellKeys;
+    static_assert(kCellRows >= 1 && Tr::kBlockM % kMaskCellRows == 0 && Tr::kBlockN % kMaskCellKeys == 0,
+                  "a tile covers whole block-map cells");
+    int top = -1;       // tile of lane 0 in `live`
+    uint32_t live = 0;  // bit i: tile top - i is still to be visited
+
+    // OR of the map cells under key tile `tile` of the query tile at m0 (mask present, not varlen).
+    static __device__ __forceinline__ uint32_t flags(const AttentionPrefillParams& p, int m0, int tile) {
+        const uint8_t* cells = p.mask_blocks + blockIdx.z * p.blocks_batch + blockIdx.y * p.blocks_head +
+                               (m0 / kMaskCellRows) * p.blocks_row;
+        uint32_t f = 0;
+#pragma unroll
+        for (int r = 0; r < kCellRows; ++r)
+#pragma unroll
+            for (int c = 0; c < kCellCols; ++c) {
+                const int col = tile * kCellCols + c;  // cells past the last row / key do not exist
+                if (m0 + r * kMaskCellRows < p.seqlen_q && col * kMaskCellKeys < p.seqlen_k)
+                    f |= __ldg(cells + r * p.blocks_row + col * p.blocks_col);
+            }
+        return f;
+    }
+
+    __device__ __forceinline__ void classify(const AttentionPrefillParams& p, int m0, int new_top) {
+        top = new_top;
+        const int tile = top - static_cast<int>(threadIdx.x & 31);
+        const bool visible = tile >= 0 && (p.mask == nullptr || (flags(p, m0, tile) & kSomeVisible));
+        live = __ballot_sync(0xffffffffu, visible);
+    }
+
+    // The next tile to visit, -1 when none is left.
+    __device__ __forceinline__ int next(const AttentionPrefillParams& p, int m0) {
+        while (live == 0) {
+            if (top < 32) return -1;
+            classify(p, m0, top - 32);
+        }
+        const int i = __ffs(live) - 1;
+        live &= live - 1;
+        return top - i;
+    }
+};
 
 template <class Tr>
 __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& p) {
@@ -154,13 +206,15 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
 
     // Key tiles this query tile can see at all.
     int64_t key_stop = span.key_end;
-    if (p.is_causal) key_stop = min(key_stop, m0 + Tr::kBlockM + span.causal_shift);
+    if (p.is_causal) key_stop = min(key_stop, static_cast<int64_t>(m0 + Tr::kBlockM + span.causal_shift));
     const int n_blocks = key_stop <= 0 ? 0 : static_cast<int>((key_stop + Tr::kBlockN - 1) / Tr::kBlockN);
 
     const T* q = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head + (q_start + m0) * p.q_row;
     const T* k = static_cast<const T*>(p.k) + batch * p.k_batch + kv_head * p.k_head + k_start * p.k_row;
     const T* v = static_cast<const T*>(p.v) + batch * p.v_batch + kv_head * p.v_head + k_start * p.v_row;
-    const uint8_t* mask = p.mask == nullptr ? nullptr : p.mask + batch * p.mask_batch + head * p.mask_head;
+    KeyTileWalk<Tr> walk;
+    if (n_blocks > 0) walk.classify(p, m0, n_blocks - 1);
+    int n_block = walk.next(p, m0);
 
     const uint32_t sq = smem_address(smem);
     auto sk = [&](int stage) { return sq + Tr::kTileQBytes + stage * Tr::kStageBytes; };
@@ -180,21 +234,23 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
             for (int e = 0; e < 4; ++e) o[mi][di][e] = 0.f;
     OnlineSoftmax<kMTiles, kNTiles, kDTiles> softmax;
 
-    if (n_blocks > 0) {
+    if (n_block >= 0) {
         load_tile<Tr, Tr::kBlockM>(sq, q, p.q_row, 0, seqlen_q - m0);
-        load_tile<Tr, Tr::kBlockN>(sk(0), k, p.k_row, (n_blocks - 1) * Tr::kBlockN, span.key_end);
+        load_tile<Tr, Tr::kBlockN>(sk(0), k, p.k_row, n_block * Tr::kBlockN, span.key_end);
         cp_async_commit();
-        load_tile<Tr, Tr::kBlockN>(sv(0), v, p.v_row, (n_blocks - 1) * Tr::kBlockN, span.key_end);
+        load_tile<Tr, Tr::kBlockN>(sv(0), v, p.v_row, n_block * Tr::kBlockN, span.key_end);
         cp_async_commit();
     }
 
-    for (int j = 0; j < n_blocks; ++j) {
-        const int n_block = n_blocks - 1 - j, stage = j & 1;
+    for (int stage = 0; n_block >= 0; stage ^= 1) {
         const int n0 = n_block * Tr::kBlockN;
-        __syncthreads();  // every warp is done with the other stage (read in iteration j - 1)
-        if (n_block > 0) load_tile<Tr, Tr::kBlockN>(sk(stage ^ 1), k, p.k_row, n0 - Tr::kBlockN, span.key_end);
+        const int next_block = walk.next(p, m0);
+        __syncthreads();  // every warp is done with the other stage (read in the previous iteration)
+        if (next_block >= 0)
+            load_tile<Tr, Tr::kBlockN>(sk(stage ^ 1), k, p.k_row, next_block * Tr::kBlockN, span.key_end);
         cp_async_commit();
-        if (n_block > 0) load_tile<Tr, Tr::kBlockN>(sv(stage ^ 1), v, p.v_row, n0 - Tr::kBlockN, span.key_end);
+        if (next_block >= 0)
+            load_tile<Tr, Tr::kBlockN>(sv(stage ^ 1), v, p.v_row, next_block * Tr::kBlockN, span.key_end);
         cp_async_commit();
         cp_async_wait<3>();  // this stage's K (and Q) landed; V and the next tile may still fly
         __syncthreads();
@@ -208,26 +264,40 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
                 for (int e = 0; e < 4; ++e) s[mi][ni][e] = 0.f;
         gemm_qk<Tr>(s, sq, sk(stage), q_frag, k_frag);
 
+        // Only tiles whose cells also hold a masked key read the mask.
+        const bool mixed = p.mask != nullptr && (KeyTileWalk<Tr>::flags(p, m0, n_block) & kSomeMasked);
         const bool partial = n0 + Tr::kBlockN > span.key_end ||
                              (p.is_causal && n0 + Tr::kBlockN - 1 > m0 + span.causal_shift);
-        if (partial || mask != nullptr) {
+        if (partial || mixed) {
 #pragma unroll
             for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int row = m0 + warp_row0 + mi * 16 + (lane >> 2) + 8 * h;
-                    const int64_t causal_end = row + span.causal_shift;  // last visible key
+                    const int causal_end = row + span.causal_shift;  // last visible key
+                    const uint8_t* mask_row = p.mask + batch * p.mask_batch + head * p.mask_head + row * p.mask_row;
 #pragma unroll
-                    for (int ni = 0; ni < kNTiles; ++ni)
+                    for (int ni = 0; ni < kNTiles; ++ni) {
+                        const int col = n0 + ni * 8 + 2 * (lane & 3);  // this lane's two keys: col, col + 1
+                        bool visible[2];
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
-                            const int col = n0 + ni * 8 + 2 * (lane & 3) + e;
-                            bool visible = col < span.key_end && row < seqlen_q;
-                            if (p.is_causal) visible = visible && col <= causal_end;
-                            if (mask != nullptr && visible)
-                                visible = mask[row * p.mask_row + col * p.mask_col] != 0;
-                            if (!visible) s[mi][ni][2 * h + e] = -INFINITY;
+                            visible[e] = col + e < span.key_end && row < seqlen_q;
+                            if (p.is_causal) visible[e] = visible[e] && col + e <= causal_end;
                         }
+                        if (mixed && p.mask_pairs && (visible[0] || visible[1])) {  // col + 1 < Skv (Skv even)
+                            const uint32_t pair = __ldg(reinterpret_cast<const uint16_t*>(mask_row + col));
+                            visible[0] = visible[0] && (pair & 0xffu) != 0;
+                            visible[1] = visible[1] && (pair >> 8) != 0;
+                        } else if (mixed) {
+#pragma unroll
+                            for (int e = 0; e < 2; ++e)
+                                if (visible[e]) visible[e] = mask_row[(col + e) * p.mask_col] != 0;
+                        }
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            if (!visible[e]) s[mi][ni][2 * h + e] = -INFINITY;
+                    }
                 }
         }
         softmax.update(s, o, p.scale_log2);
@@ -237,6 +307,7 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
         cp_async_wait<2>();  // this stage's V landed
         __syncthreads();
         gemm_pv<Tr>(o, pa, sv(stage), v_frag);
+        n_block = next_block;
     }
 
     // Epilogue: normalize, stage O through the (now free) Q tile, write 16-byte rows.

@@ -3,6 +3,7 @@ backends, GQA 32 q heads / 8 kv heads, B*S = 16k tokens, TFLOP/s counting causal
 bf16 GEMM peak measured in the same run.
 
     python3 perf/bench_attention.py [--quick]     # table, also written to perf/out/bench_attention.md
+    python3 perf/bench_attention.py --hf-mask     # HF's StaticCache mask vs is_causal vs SDPA, S=512/2048
     python3 perf/bench_attention.py --sanitize    # a few small cases, for compute-sanitizer
 """
 import sys
@@ -11,7 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-from common import gemm_tflops, table, time_cuda
+from common import gemm_tflops, table, time_cuda, time_graph
 from fusedops.ops import attention as A
 
 TOKENS, HQ, HKV = 16384, 32, 8
@@ -59,23 +60,60 @@ def bench(quick: bool):
           "bench_attention.md")
 
 
-def hf_mask(s: int = 2048):
-    """What one prefill layer of the e2e benchmark runs: B=1, S new tokens into a StaticCache of S, HF's
-    boolean causal mask. fusedops given the mask alone (what the backend passes today) vs with
-    is_causal (tiles above the diagonal skipped) vs SDPA with the same mask, µs per call."""
-    q = torch.randn(1, HQ, s, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(1, HKV, s, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    mask = torch.ones(s, s, device="cuda", dtype=torch.bool).tril()[None, None]
-    kv_len = torch.tensor([s], device="cuda", dtype=torch.int32)
-    cases = {
-        "fusedops, mask only": lambda: A.attention_prefill_cuda(q, k, v, mask, None, False, None),
-        "fusedops, mask + is_causal + kv_len": lambda: A.attention_prefill_cuda(q, k, v, mask, None, True, kv_len),
-        "fusedops, is_causal only": lambda: A.attention_prefill_cuda(q, k, v, None, None, True, None),
-        "SDPA (default backend), mask, enable_gqa": lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=True),
-        "SDPA (default backend), is_causal, enable_gqa": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True),
-    }
-    table([{"case": name, "µs": time_cuda(fn, reps=20)} for name, fn in cases.items()],
-          f"one prefill layer's attention, S={s}, HF causal bool mask", "bench_attention_hf_mask.md")
+def static_cache_mask(s: int, cache_len: int) -> torch.Tensor:
+    """HF's StaticCache prefill mask at cache_position 0..s-1, B=1: key j visible to query i iff
+    j <= i (causal at the cache position, which also keeps it inside the written part)."""
+    keys, queries = torch.arange(cache_len, device="cuda"), torch.arange(s, device="cuda")
+    return (keys[None, None, None, :] <= queries[None, None, :, None])
+
+
+def hf_mask(shapes=((512, 576), (512, 4096), (2048, 2112), (2048, 4096))):
+    """One prefill layer's attention as the e2e benchmark runs it: B=1, S new tokens at the start of a
+    StaticCache of cache_len positions, HF's boolean mask [1, 1, S, cache_len]. fusedops with the
+    mask (block map precomputed, as the backend does once per forward; and computed in the call) vs
+    fusedops is_causal over the S written keys vs SDPA. GPU µs per call under CUDA-graph replay (SDPA
+    MATH: events, it is slow); rel err of the masked fusedops output vs the fp32 reference."""
+    rows = []
+    for s, cache_len in shapes:
+        q = torch.randn(1, HQ, s, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, HKV, cache_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k_rep, v_rep = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))  # HF's repeat_kv for SDPA
+        mask = static_cache_mask(s, cache_len)
+        blocks = A.mask_blocks_cuda(mask)
+        kv_len = torch.tensor([s], device="cuda", dtype=torch.int32)
+        k_s, v_s = k[:, :, :s], v[:, :, :s]
+
+        def sdpa_with(backend, *args, **kwargs):
+            with sdpa_kernel(backend):
+                return sdpa(*args, **kwargs)
+        cases = {
+            "fusedops mask + map + kv_len (backend)": lambda: A.attention_prefill_cuda(
+                q, k, v, mask, None, False, kv_len, mask_blocks=blocks),
+            "fusedops mask + map": lambda: A.attention_prefill_cuda(q, k, v, mask, None, False, None,
+                                                                    mask_blocks=blocks),
+            "fusedops mask (map in the call)": lambda: A.attention_prefill_cuda(q, k, v, mask, None, False, None),
+            "block map alone": lambda: A.mask_blocks_cuda(mask),
+            "fusedops is_causal, S keys": lambda: A.attention_prefill_cuda(q, k_s, v_s, None, None, True, None),
+            "SDPA FLASH is_causal, S keys, gqa": lambda: sdpa_with(SDPBackend.FLASH_ATTENTION, q, k_s, v_s,
+                                                                  is_causal=True, enable_gqa=True),
+            "SDPA default, mask, repeat_kv (HF)": lambda: sdpa(q, k_rep, v_rep, attn_mask=mask),
+            "SDPA EFFICIENT, mask, repeat_kv": lambda: sdpa_with(SDPBackend.EFFICIENT_ATTENTION, q, k_rep, v_rep,
+                                                                attn_mask=mask),
+        }
+        times = {name: time_graph(fn, calls=10, reps=10) for name, fn in cases.items()}
+        times["SDPA MATH, mask, repeat_kv"] = time_cuda(
+            lambda: sdpa_with(SDPBackend.MATH, q, k_rep, v_rep, attn_mask=mask), warmup=1, reps=5)
+        out = cases["fusedops mask + map + kv_len (backend)"]().float()
+        ref = A.attention_reference(q.float(), k.float(), v.float(), mask)
+        err = float((out - ref).norm() / ref.norm())
+        del out, ref
+        causal = times["fusedops is_causal, S keys"]
+        for name, us in times.items():
+            rows.append({"S": s, "cache len": cache_len, "case": name, "µs": us, "× fusedops causal": us / causal,
+                         "rel err vs fp32": err if name.startswith("fusedops mask + map + kv_len") else ""})
+        print(rows[-len(times):], flush=True)
+    table(rows, f"one prefill layer's attention with HF's StaticCache mask, B=1 Hq={HQ} Hkv={HKV} D=128, bf16",
+          "bench_attention_hf_mask.md")
 
 
 def sanitize():

@@ -66,6 +66,37 @@ def test_varlen_reference_is_per_sequence_attention():
         assert rel_err(got[qs], ref) < 1e-6, (b, lens_q[b], lens_k[b])
 
 
+def naive_mask_blocks(mask):
+    """Per-cell flags by brute force over a 4-D mask (independent of mask_blocks_reference)."""
+    bm, hm, sm, km = mask.shape
+    rows, cols = -(-sm // 64), -(-km // 32)
+    out = torch.zeros(bm, hm, rows, cols, dtype=torch.uint8)
+    for b in range(bm):
+        for h in range(hm):
+            for r in range(rows):
+                for c in range(cols):
+                    cell = mask[b, h, r * 64:(r + 1) * 64, c * 32:(c + 1) * 32]
+                    out[b, h, r, c] = int(bool(cell.any())) * A.MASK_SOME_VISIBLE + int(bool((~cell).any())) * A.MASK_SOME_MASKED
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 130, 70), (1, 3, 64, 32), (1, 1, 1, 97), (1, 2, 200, 1)])
+def test_mask_blocks_reference_matches_brute_force(shape):
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(shape, generator=g) > 0.5
+    mask[..., : shape[2] // 2, :] = True   # all-visible and all-masked cells next to mixed ones
+    mask[..., -1:, :] = False
+    assert torch.equal(A.mask_blocks_reference(mask), naive_mask_blocks(mask))
+    assert torch.equal(F.attention_mask_blocks(mask[0, 0]), naive_mask_blocks(mask[:1, :1]))  # 2-D mask
+
+
+def test_mask_blocks_do_not_change_the_reference_result():
+    q, k, v = _qkv(torch.float32)
+    mask = torch.rand(1, 1, 3, 5) > 0.4
+    with_map = F.attention(q, k, v, mask, None, False, None, F.attention_mask_blocks(mask))
+    assert torch.equal(with_map, F.attention(q, k, v, mask, None, False, None))
+
+
 # ---- CPU: argument errors ----------------------------------------------------------------------
 
 def _qkv(dtype=torch.bfloat16, d=64):
@@ -84,6 +115,17 @@ def _qkv(dtype=torch.bfloat16, d=64):
 def test_attention_errors_name_the_argument(make, name):
     with pytest.raises(ValueError, match=name):
         F.attention(*make(*_qkv()))
+
+
+def test_mask_blocks_errors_name_the_argument():
+    q, k, v = _qkv()
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mask_blocks: expected uint8"):
+        F.attention(q, k, v, mask, None, False, None, torch.zeros(1, 1, 1, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="mask_blocks: given without attn_mask"):
+        F.attention(q, k, v, None, None, False, None, torch.zeros(1, 1, 1, 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="mask: only boolean"):
+        F.attention_mask_blocks(torch.ones(3, 5))
 
 
 def test_cuda_unsupported_reasons():
@@ -121,6 +163,21 @@ def test_ptx_has_cp_async_mma_ldmatrix():
                   "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "mma.sync.aligned.m16n8k16.row.col.f32.bf16",
                   "mma.sync.aligned.m16n8k16.row.col.f32.f16", "ex2.approx.ftz.f32", "shfl.sync.bfly"):
         assert instr in ptx, instr
+
+
+@pytest.mark.nvcc
+def test_mask_paths_in_ptx():
+    """Block map: 16-byte mask loads; prefill: the map read, 2-key mask loads and the ballot walk."""
+    assert "ld.global.v4.u32" in compiler.emit_ptx(A.MASK_BLOCKS_SOURCE, "sm_90a")
+    ptx = compiler.emit_ptx(A.PREFILL_SOURCES[(128, A.PREFILL_TILES[128][0])], "sm_90a")
+    for instr in ("ld.global.nc.u8", "ld.global.nc.u16", "vote.sync.ballot.b32"):
+        assert instr in ptx, instr
+
+
+@pytest.mark.nvcc
+def test_mask_blocks_builds_without_spills():
+    path = compiler.build(A.MASK_BLOCKS_SOURCE, "sm_90a")
+    assert "0 bytes spill stores, 0 bytes spill loads" in path.with_name(path.name + ".log").read_text()
 
 
 @pytest.mark.nvcc
@@ -259,3 +316,117 @@ def test_kv_len_is_read_on_the_device_under_cuda_graphs():
         graph.replay()
         ref = A.attention_reference(q.float(), k.float(), v.float(), None, None, True, kv_len)
         assert rel_err(out, ref) <= TOL[torch.bfloat16], lengths
+
+
+# ---- GPU: boolean masks through the block map ----------------------------------------------------
+
+MASK_KINDS = ("random", "causal_offset", "static_cache", "cells", "rows_masked")
+MASK_LAYOUTS = ("contiguous", "keys_strided", "odd_offset")
+
+
+def _make_mask(kind, shape, gen):
+    """A [.., S, Skv] bool mask (CPU) of one structure; shape is the mask's own (broadcast) shape."""
+    *lead, s, skv = shape
+    q_pos, kv_pos = torch.arange(s).view(s, 1), torch.arange(skv).view(1, skv)
+    if kind == "random":
+        return torch.rand(shape, generator=gen) > float(torch.rand((), generator=gen))
+    if kind == "causal_offset":  # chunked prefill: the queries sit at positions start.. of the cache
+        start = int(torch.randint(-s // 2, skv + 1, (), generator=gen))
+        return (kv_pos <= q_pos + start).expand(shape).clone()
+    if kind == "static_cache":  # HF: causal at cache_position, inside the written part, left padding
+        start = int(torch.randint(0, max(skv - s, 0) + 1, (), generator=gen))
+        pad = torch.randint(0, s + start + 1, tuple(lead) + (1, 1), generator=gen)
+        return (kv_pos <= q_pos + start) & (kv_pos < start + s) & (kv_pos >= pad)
+    if kind == "cells":  # whole 64x32 cells visible / masked / random: every tile class side by side
+        rows, cols = -(-s // 64), -(-skv // 32)
+        choice = torch.randint(0, 3, tuple(lead) + (rows, cols), generator=gen)
+        noise = torch.rand(shape, generator=gen) > 0.5
+        full = choice.repeat_interleave(64, -2).repeat_interleave(32, -1)[..., :s, :skv]
+        return torch.where(full == 2, noise, full == 1)
+    mask = torch.rand(shape, generator=gen) > 0.3  # rows_masked: some query rows see nothing
+    mask[..., torch.rand(s, generator=gen) < 0.3, :] = False
+    return mask
+
+
+def _lay_out(mask, layout):
+    """The same values stored so that the kernels take their other load paths."""
+    if layout == "keys_strided":  # key stride != 1: per-key byte loads
+        return mask.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "odd_offset":  # odd base address: no 2-key / 16-byte loads
+        flat = torch.zeros(mask.numel() + 1, dtype=torch.bool, device=mask.device)
+        flat[1:] = mask.reshape(-1)
+        return flat[1:].view(mask.shape)
+    return mask
+
+
+def _masked_case(rng: random.Random):
+    d = rng.choice([64, 128, 128, 256])
+    hkv = rng.choice([1, 2])
+    b, hq = rng.randint(1, 2), hkv * rng.choice([1, 4])
+    s = rng.choice([9, 64, 65, 127, 200, rng.randint(9, 400)])
+    skv = rng.choice([s, s + rng.randint(1, 300), rng.randint(9, 500)])
+    mask_shape = rng.choice([(b, 1, s, skv), (1, 1, s, skv), (b, hq, s, skv), (s, skv), (b, 1, 1, skv)])
+    return dict(b=b, hq=hq, hkv=hkv, s=s, skv=skv, d=d, dtype=rng.choice([torch.bfloat16, torch.float16]),
+                kind=rng.choice(MASK_KINDS), layout=rng.choice(MASK_LAYOUTS), mask_shape=mask_shape,
+                causal=rng.random() < 0.25, kv_len=rng.random() < 0.3, precomputed=rng.random() < 0.5)
+
+
+@pytest.mark.gpu
+def test_mask_blocks_kernel_matches_reference():
+    gen = torch.Generator().manual_seed(11)
+    for i, shape in enumerate([(2, 1, 130, 70), (1, 3, 64, 4096), (1, 1, 2048, 2112), (3, 200, 48),
+                               (2, 1, 1, 97), (1, 2, 200, 1), (1, 1, 65, 33), (5, 31)]):
+        for layout in MASK_LAYOUTS:
+            mask = _lay_out(_make_mask(MASK_KINDS[i % len(MASK_KINDS)], shape, gen).cuda(), layout)
+            got = F.attention_mask_blocks(mask)
+            assert torch.equal(got.cpu(), A.mask_blocks_reference(mask.cpu())), (shape, layout)
+
+
+@pytest.mark.gpu
+def test_masked_sweep_against_fp32_reference():
+    """Random masks of every structure, broadcast shape and memory layout, with and without causal and
+    kv_len, the block map precomputed or not; outputs and LSE poisoned first."""
+    rng, gen = random.Random(4321), torch.Generator().manual_seed(4321)
+    failures = []
+    for i in range(300):
+        c = _masked_case(rng)
+        b, hq, hkv, s, skv, d = c["b"], c["hq"], c["hkv"], c["s"], c["skv"], c["d"]
+        q, k, v = (random_with_outliers(sh, c["dtype"], "cuda", gen) for sh in ((b, hq, s, d), (b, hkv, skv, d), (b, hkv, skv, d)))
+        mask = _lay_out(_make_mask(c["kind"], c["mask_shape"], gen).cuda(), c["layout"])
+        kv_len = torch.randint(0, skv + 1, (b,), generator=gen).to("cuda", torch.int32) if c["kv_len"] else None
+        blocks = F.attention_mask_blocks(mask) if c["precomputed"] else None
+        tiles = A.PREFILL_TILES[d]
+        tile = tiles[i % len(tiles)]
+        out = poison_(torch.empty(q.shape, dtype=q.dtype, device="cuda"))
+        lse = poison_(torch.empty(q.shape[:3], dtype=torch.float32, device="cuda"))
+        A.attention_prefill_cuda(q, k, v, mask, None, c["causal"], kv_len, lse=lse, tile=tile, out=out,
+                                 mask_blocks=blocks)
+        ref = A.attention_reference(q.float(), k.float(), v.float(), mask, None, c["causal"], kv_len)
+        ref_lse = _reference_lse(q, k, mask, None, c["causal"], kv_len)
+        err = rel_err(out, ref)
+        lse_ok = torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and torch.allclose(
+            lse.nan_to_num(0, 0, 0), ref_lse.nan_to_num(0, 0, 0), atol=2e-2, rtol=1e-3)
+        if not (err <= TOL[c["dtype"]] and lse_ok and not out.isnan().any()):
+            failures.append((i, err, lse_ok, tile, c))
+    assert not failures, failures[:5]
+
+
+@pytest.mark.gpu
+def test_op_with_mask_blocks_under_cuda_graphs():
+    """HF's StaticCache prefill through the op: the map is an input of the graph like the mask."""
+    gen = torch.Generator().manual_seed(9)
+    q = random_with_outliers((1, 8, 300, 128), torch.bfloat16, "cuda", gen)
+    k, v = (random_with_outliers((1, 2, 512, 128), torch.bfloat16, "cuda", gen) for _ in range(2))
+    mask = torch.zeros(1, 1, 300, 512, dtype=torch.bool, device="cuda")
+    run = lambda: F.attention(q, k, v, mask, None, False, None, F.attention_mask_blocks(mask))  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for start in (0, 100, 212):
+        mask.copy_(_make_mask("causal_offset", (1, 1, 300, 512), gen) if start == 100 else
+                   (torch.arange(512).view(1, 512) <= torch.arange(300).view(300, 1) + start).view(1, 1, 300, 512))
+        graph.replay()
+        ref = A.attention_reference(q.float(), k.float(), v.float(), mask, None, False, None)
+        assert rel_err(out, ref) <= TOL[torch.bfloat16], start

@@ -242,3 +242,23 @@ def test_fusedops_log_prints_the_report(monkeypatch, capsys):
     rewritten(hf_rms_norm, randn(2, 64), randn(64))
     err = capsys.readouterr().err
     assert "fusedops rewrite: rms_norm x1" in err and "replaced  rms_norm" in err
+
+
+def two_layers_with_hf_mask(q, k, v):
+    """transformers 5.x sdpa_mask over a StaticCache: one bool mask (kv <= q + offset, expanded to the
+    batch) built in the graph and passed to every layer's SDPA."""
+    s, kv_len = q.shape[2], k.shape[2]
+    mask = (torch.arange(kv_len)[None, None, None, :] <= torch.arange(s)[None, None, :, None] + 2).expand(
+        q.shape[0], -1, s, kv_len)
+    h = sdpa_with_repeat(q, k, v, mask)
+    return sdpa_with_repeat(h, k, v, mask)
+
+
+@pytest.mark.parametrize("s, maps", [(12, 1), (1, 0)])  # S <= 8 runs the decode kernel: no map
+def test_one_block_map_per_mask_and_none_for_decode(s, maps):
+    _, k, v, _ = _attention_inputs()
+    q = randn(2, 8, s, 64, dtype=torch.float32, seed=3)
+    out, report = rewritten(two_layers_with_hf_mask, q, k, v)
+    assert report.matches["attention"] == 2
+    assert report.ops_after["fusedops.attention_mask_blocks"] == maps
+    assert rel_err(out, two_layers_with_hf_mask(q.double(), k.double(), v.double())) <= 1e-5

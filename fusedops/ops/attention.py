@@ -7,7 +7,16 @@ the first kv_len[b] keys of a static cache.
                to the end of the valid keys: chunked prefill / decode on top of a cache)
     kv_len:    None or int [B] (or [1]) on the device: keys j >= kv_len[b] are ignored. Read on the
                device, so a captured CUDA graph serves every step of a growing cache.
+    mask_blocks: None or attention_mask_blocks(attn_mask), computed once and shared by every
+               attention over the same mask (the backend inserts one per mask); None with a mask
+               on CUDA computes it per call. It only steers which tiles the kernel visits and
+               masks: the result is the same with or without it.
 A query row with no visible key returns zeros (SDPA would return NaN).
+
+fusedops::attention_mask_blocks(mask) summarizes a boolean mask per cell of MASK_CELL (64 query rows x
+32 keys): bit 1 = some key visible, bit 2 = some key masked. The prefill kernel skips tiles with nothing
+visible, runs tiles with nothing masked unmasked and reads the mask only in mixed tiles, so HF's
+StaticCache mask (causal, within the cache length, padding) costs about what is_causal does.
 
 fusedops::attention_varlen is the same for packed batches: q [T, Hq, D], k/v [Tk, Hkv, D], sequence
 b owning rows cu_seqlens_q[b]:cu_seqlens_q[b+1] (and likewise for k), causal diagonal aligned to the
@@ -53,7 +62,11 @@ PREFILL_STAGES = 2  # kStages in csrc/attention/prefill_traits.cuh
 DECODE_MAX_QUERIES = 8  # S at or below this goes to the decode kernel when it exists
 
 
+MASK_CELL = (64, 32)  # kMaskCellRows, kMaskCellKeys in csrc/attention/prefill_params.cuh
+MASK_SOME_VISIBLE, MASK_SOME_MASKED = 1, 2
+
 PREFILL_SOURCES: dict = {}  # (head_dim, PrefillTile) -> KernelSource
+MASK_BLOCKS_SOURCE = register_source("attention_mask_blocks", "attention_mask_blocks.cu")
 
 
 def tile_source(head_dim: int, tile: PrefillTile):
@@ -80,16 +93,24 @@ class AttentionPrefillParams(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
                 ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("mask", ctypes.c_void_p),
                 ("kv_len", ctypes.c_void_p), ("cu_seqlens_q", ctypes.c_void_p),
-                ("cu_seqlens_k", ctypes.c_void_p),
+                ("cu_seqlens_k", ctypes.c_void_p), ("mask_blocks", ctypes.c_void_p),
                 *[(f"{t}_{d}", ctypes.c_int64) for t in "qkvo" for d in ("batch", "head", "row")],
                 ("lse_batch", ctypes.c_int64), ("lse_head", ctypes.c_int64),
                 ("mask_batch", ctypes.c_int64), ("mask_head", ctypes.c_int64),
                 ("mask_row", ctypes.c_int64), ("mask_col", ctypes.c_int64),
                 ("kv_len_stride", ctypes.c_int64),
+                *[(f"blocks_{d}", ctypes.c_int64) for d in ("batch", "head", "row", "col")],
                 ("seqlen_q", ctypes.c_int32), ("seqlen_k", ctypes.c_int32),
                 ("heads_q", ctypes.c_int32), ("group", ctypes.c_int32),
                 ("kv_len_is_int64", ctypes.c_int32), ("is_causal", ctypes.c_int32),
-                ("scale_log2", ctypes.c_float), ("scale", ctypes.c_float)]
+                ("mask_pairs", ctypes.c_int32), ("scale_log2", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class MaskBlocksParams(ctypes.Structure):
+    _fields_ = [("mask", ctypes.c_void_p), ("blocks", ctypes.c_void_p),
+                ("mask_batch", ctypes.c_int64), ("mask_head", ctypes.c_int64), ("mask_row", ctypes.c_int64),
+                ("heads", ctypes.c_int32), ("rows", ctypes.c_int32), ("keys", ctypes.c_int32),
+                ("cell_rows", ctypes.c_int32), ("cell_cols", ctypes.c_int32), ("vectorized", ctypes.c_int32)]
 
 ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -119,7 +140,74 @@ def attention_reference(q, k, v, attn_mask=None, scale=None, is_causal=False, kv
     return out.reshape(b, hq, s, d).to(q.dtype)
 
 
-def _validate(q, k, v, attn_mask, scale, is_causal, kv_len):
+def _mask_4d(mask: torch.Tensor) -> torch.Tensor:
+    """mask with leading size-1 dims up to [Bm, Hm, Sm, Skvm] (a view)."""
+    return mask[(None,) * (4 - mask.dim())] if mask.dim() < 4 else mask
+
+
+def mask_blocks_shape(mask_shape) -> tuple[int, int, int, int]:
+    """[Bm, Hm, ceil(Sm / 64), ceil(Skvm / 32)] for a mask of that shape (size-1 dims stay 1: broadcast)."""
+    bm, hm, sm, km = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
+    return bm, hm, -(-sm // MASK_CELL[0]), -(-km // MASK_CELL[1])
+
+
+def mask_blocks_reference(mask: torch.Tensor) -> torch.Tensor:
+    """uint8 flags per MASK_CELL cell: MASK_SOME_VISIBLE | MASK_SOME_MASKED over the cell's elements."""
+    m = _mask_4d(mask)
+    bm, hm, rows, cols = mask_blocks_shape(m.shape)
+    pad = (0, cols * MASK_CELL[1] - m.shape[3], 0, rows * MASK_CELL[0] - m.shape[2])
+    flags = torch.zeros((bm, hm, rows, cols), dtype=torch.uint8, device=mask.device)
+    for bit, part in ((MASK_SOME_VISIBLE, m), (MASK_SOME_MASKED, ~m)):  # padding holds neither
+        cells = torch.nn.functional.pad(part.to(torch.uint8), pad).view(bm, hm, rows, MASK_CELL[0], cols, MASK_CELL[1])
+        flags |= cells.amax(dim=(3, 5)) * bit
+    return flags
+
+
+def _validate_mask(mask: torch.Tensor) -> None:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask: only boolean masks are supported, got {mask.dtype}")
+    if not 1 <= mask.dim() <= 4:
+        raise ValueError(f"mask: expected 1 to 4 dims, got shape {tuple(mask.shape)}")
+
+
+@torch.library.custom_op("fusedops::attention_mask_blocks", mutates_args=(), device_types="cpu")
+def attention_mask_blocks(mask: torch.Tensor) -> torch.Tensor:
+    _validate_mask(mask)
+    return mask_blocks_reference(mask)
+
+
+@attention_mask_blocks.register_fake
+def _(mask):
+    _validate_mask(mask)
+    return mask.new_empty(mask_blocks_shape(mask.shape), dtype=torch.uint8)
+
+
+@attention_mask_blocks.register_kernel("cuda")
+def _(mask):
+    _validate_mask(mask)
+    return mask_blocks_cuda(mask)
+
+
+def mask_blocks_cuda(mask: torch.Tensor) -> torch.Tensor:
+    """The one-pass kernel of csrc/attention_mask_blocks.cu (validated mask)."""
+    m = _mask_4d(mask)
+    if m.stride(3) != 1 and m.shape[3] > 1:
+        m = m.contiguous()
+    bm, hm, rows, cols = mask_blocks_shape(m.shape)
+    blocks = torch.empty((bm, hm, rows, cols), dtype=torch.uint8, device=mask.device)
+    if blocks.numel() == 0:
+        return blocks
+    p = MaskBlocksParams(m.data_ptr(), blocks.data_ptr())
+    p.mask_batch, p.mask_head, p.mask_row = (st if n > 1 else 0 for st, n in zip(m.stride()[:3], m.shape[:3]))
+    p.heads, p.rows, p.keys, p.cell_rows, p.cell_cols = hm, m.shape[2], m.shape[3], rows, cols
+    p.vectorized = int(m.data_ptr() % 16 == 0 and m.shape[3] % 16 == 0
+                       and all(st % 16 == 0 for st in (p.mask_batch, p.mask_head, p.mask_row)))
+    fn = kernel(MASK_BLOCKS_SOURCE, "attention_mask_blocks", MaskBlocksParams, mask.device)
+    fn.launch((-(-cols // 32), rows, bm * hm), (32, 8), p)
+    return blocks
+
+
+def _validate(q, k, v, attn_mask, scale, is_causal, kv_len, mask_blocks=None):
     check_dtype("q", q, ATTENTION_DTYPES)
     check_same_dtype("k", k, "q", q)
     check_same_dtype("v", v, "q", q)
@@ -144,19 +232,26 @@ def _validate(q, k, v, attn_mask, scale, is_causal, kv_len):
         raise ValueError(f"kv_len: expected int32/int64 [B] or [1], got {kv_len.dtype} {tuple(kv_len.shape)}")
     if scale is not None and not scale > 0:
         raise ValueError(f"scale: must be > 0, got {scale}")
+    if mask_blocks is not None:
+        if attn_mask is None:
+            raise ValueError("mask_blocks: given without attn_mask")
+        want = mask_blocks_shape(attn_mask.shape)
+        if mask_blocks.dtype != torch.uint8 or tuple(mask_blocks.shape) != want:
+            raise ValueError(f"mask_blocks: expected uint8 {want} (attention_mask_blocks(attn_mask)), got "
+                             f"{mask_blocks.dtype} {tuple(mask_blocks.shape)}")
 
 
 @torch.library.custom_op("fusedops::attention", mutates_args=(), device_types="cpu")
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
               scale: Optional[float] = None, is_causal: bool = False,
-              kv_len: Optional[torch.Tensor] = None) -> torch.Tensor:
-    _validate(q, k, v, attn_mask, scale, is_causal, kv_len)
+              kv_len: Optional[torch.Tensor] = None, mask_blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    _validate(q, k, v, attn_mask, scale, is_causal, kv_len, mask_blocks)
     return attention_reference(q, k, v, attn_mask, scale, is_causal, kv_len).contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask=None, scale=None, is_causal=False, kv_len=None):
-    _validate(q, k, v, attn_mask, scale, is_causal, kv_len)
+def _(q, k, v, attn_mask=None, scale=None, is_causal=False, kv_len=None, mask_blocks=None):
+    _validate(q, k, v, attn_mask, scale, is_causal, kv_len, mask_blocks)
     return q.new_empty(q.shape)
 
 
@@ -213,11 +308,12 @@ def _check_cuda_inputs(q, k, v, **extra) -> None:
 
 def attention_prefill_cuda(q, k, v, attn_mask=None, scale=None, is_causal=False, kv_len=None,
                            lse: Optional[torch.Tensor] = None, tile: Optional[PrefillTile] = None,
-                           out: Optional[torch.Tensor] = None):
+                           out: Optional[torch.Tensor] = None, mask_blocks: Optional[torch.Tensor] = None):
     """The prefill kernel for any S (validated inputs). lse: optional fp32 [B, Hq, S] to fill with the
     natural-log sum-exp of each row (-inf where nothing is visible); tile: a PREFILL_TILES entry;
-    out: optional contiguous tensor like q to write into (tests poison it first)."""
-    _check_cuda_inputs(q, k, v, attn_mask=attn_mask, kv_len=kv_len, lse=lse, out=out)
+    out: optional contiguous tensor like q to write into (tests poison it first); mask_blocks:
+    attention_mask_blocks(attn_mask), computed here when None."""
+    _check_cuda_inputs(q, k, v, attn_mask=attn_mask, kv_len=kv_len, lse=lse, out=out, mask_blocks=mask_blocks)
     b, hq, s, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     if out is None:
@@ -243,10 +339,17 @@ def attention_prefill_cuda(q, k, v, attn_mask=None, scale=None, is_causal=False,
             raise ValueError(f"lse: expected a contiguous float32 {(b, hq, s)}, got {lse.dtype} {tuple(lse.shape)}")
         p.lse, p.lse_batch, p.lse_head = lse.data_ptr(), hq * s, s
     if attn_mask is not None:
+        if mask_blocks is None:
+            mask_blocks = mask_blocks_cuda(attn_mask)
         mask = attn_mask.expand(b, hq, s, skv)
         p.mask = mask.data_ptr()
-        p.mask_batch, p.mask_head, p.mask_row, p.mask_col = (st if n > 1 else 0
-                                                              for st, n in zip(mask.stride(), mask.shape))
+        strides = [st if n > 1 else 0 for st, n in zip(_mask_4d(attn_mask).stride(), _mask_4d(attn_mask).shape)]
+        p.mask_batch, p.mask_head, p.mask_row, p.mask_col = strides
+        p.mask_pairs = int(strides[3] == 1 and skv % 2 == 0 and all(st % 2 == 0 for st in strides[:3])
+                           and p.mask % 2 == 0)
+        p.mask_blocks = mask_blocks.data_ptr()
+        p.blocks_batch, p.blocks_head, p.blocks_row, p.blocks_col = (
+            st if n > 1 else 0 for st, n in zip(mask_blocks.stride(), mask_blocks.shape))
     if kv_len is not None:
         p.kv_len, p.kv_len_is_int64 = kv_len.data_ptr(), int(kv_len.dtype == torch.int64)
         p.kv_len_stride = kv_len.stride(0) if kv_len.shape[0] > 1 else 0
@@ -257,13 +360,13 @@ def attention_prefill_cuda(q, k, v, attn_mask=None, scale=None, is_causal=False,
 
 
 @attention.register_kernel("cuda")
-def _(q, k, v, attn_mask=None, scale=None, is_causal=False, kv_len=None):
-    _validate(q, k, v, attn_mask, scale, is_causal, kv_len)
-    _check_cuda_inputs(q, k, v, attn_mask=attn_mask, kv_len=kv_len)
+def _(q, k, v, attn_mask=None, scale=None, is_causal=False, kv_len=None, mask_blocks=None):
+    _validate(q, k, v, attn_mask, scale, is_causal, kv_len, mask_blocks)
+    _check_cuda_inputs(q, k, v, attn_mask=attn_mask, kv_len=kv_len, mask_blocks=mask_blocks)
     decode = _decode_impl() if q.shape[2] <= DECODE_MAX_QUERIES else None
-    if decode is not None:
+    if decode is not None:  # reads the mask per key: no use for the block map
         return decode(q, k, v, attn_mask, scale, is_causal, kv_len)
-    return attention_prefill_cuda(q, k, v, attn_mask, scale, is_causal, kv_len)
+    return attention_prefill_cuda(q, k, v, attn_mask, scale, is_causal, kv_len, mask_blocks=mask_blocks)
 
 
 # ---- packed variable-length batches ---------------------------------------------------------------

@@ -8,7 +8,9 @@
 Float masks become boolean ones where the graph proves it exact (masks.py).
 When k/v are a static cache written in this graph at positions `pos` (index_copy_ or
 rope_cache_write) and a boolean mask hides the unwritten tail, kv_len = pos[-1:] + 1 is passed so
-that decode reads only the filled part of the cache.
+that decode reads only the filled part of the cache. Prefill attention with a boolean mask also gets
+the mask's block map (one per mask node, masks.mask_blocks), so that HF's StaticCache mask runs at
+causal speed with no assumption about its values.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ...ops.attention import cuda_unsupported
+from ...ops.attention import DECODE_MAX_QUERIES, cuda_unsupported
 from .base import Context
-from .masks import bool_mask
+from .masks import bool_mask, mask_blocks
 from .nodes import arg, binary_operands, dtype, float_const, is_cast, kind, last_dim, same, shape, val
 
 OPS = torch.ops.fusedops
@@ -150,7 +152,11 @@ class AttentionPattern:
         if pos is not None and positions.get(v) is pos and mask is not None and not is_causal:
             last = ctx.call(operator.getitem, (pos, slice(-1, None, None)), node)
             kv_len = ctx.call(operator.add, (last, 1), node)
-        fused = ctx.call(OPS.attention.default, (q, k, v, mask, scale, is_causal, kv_len), node, like=val(node))
+        blocks = None
+        if mask is not None and not (isinstance(qs[2], int) and qs[2] <= DECODE_MAX_QUERIES):  # decode: unused
+            blocks = mask_blocks(ctx, mask, node)
+        fused = ctx.call(OPS.attention.default, (q, k, v, mask, scale, is_causal, kv_len, blocks), node,
+                         like=val(node))
         ctx.replace(node, fused, walked)
         ctx.report.matched("attention", f"{form} {node.name}: q {list(qs)} over kv {list(ks)}"
                                         + (", kv_len from cache positions" if kv_len is not None else ""))

@@ -8,6 +8,9 @@ builds it, never from runtime values —
                            (GPT-2: full(min).masked_fill_(causal, 0).to(float))
 each optionally viewed ([None, None], expand, [..., :kv_len]). The `== 0` runs once per source
 mask (before its first attention), the views are replayed on the boolean result per use.
+
+mask_blocks gives each boolean mask its block map (fusedops::attention_mask_blocks), once per mask
+node: HF builds one mask per forward and every layer's attention reads it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from .base import Context
-from .nodes import arg, dtype, float_const, is_cast, kind
+from .nodes import arg, dtype, float_const, is_cast, kind, val
 
 # An additive mask value at or below this is "never attend" (exp underflows to 0 in fp32 softmax).
 MASKED_BELOW = -1e4
@@ -99,3 +102,22 @@ def bool_mask(ctx: Context, mask, use) -> Optional[Any]:
         with ctx.graph.inserting_before(use):
             source = ctx.graph.node_copy(view, lambda n, p=previous, s=source: s if n is p else n)
     return source
+
+
+def _mutated(node) -> bool:
+    return any(user.target is operator.setitem or (isinstance(user.target, str) and user.target.endswith("_"))
+               for user in node.users if user.args and user.args[0] is node)
+
+
+def mask_blocks(ctx: Context, mask, use):
+    """A fusedops::attention_mask_blocks node of the boolean `mask` node, shared by its later uses
+    (a mask mutated in place gets a fresh one per use)."""
+    key = ("mask_blocks", mask)
+    if key in ctx.memo:
+        return ctx.memo[key]
+    fake = val(mask)
+    like = torch.ops.fusedops.attention_mask_blocks(fake) if isinstance(fake, torch.Tensor) else None
+    blocks = ctx.call(torch.ops.fusedops.attention_mask_blocks.default, (mask,), use, like=like)
+    if not _mutated(mask):
+        ctx.memo[key] = blocks
+    return blocks
