@@ -16,7 +16,7 @@ struct GemvParams {
     const void* x;
     const void* weight;
     const void* bias;      // [N] or null (linear only)
-    const void* residual;  // [M, N] rows or null (linear only): out = residual + round(x W^T)
+    const void* residual;  // [M, N] rows or null (linear only): out = round(residual + x W^T)
     int64_t m;
     int64_t n;             // output columns (SwiGLU: the intermediate size, half of W's rows)
     int64_t k;
@@ -86,10 +86,6 @@ __device__ __forceinline__ uint4 load_x(const void* ptr) {
     asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
     return v;
 }
-
-// A float rounded through T, as PyTorch's `.to(dtype)` between steps of the reference does.
-template <typename T>
-__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
 
 // mma of one 16-row W tile (lane's rows g, g+8: lo, hi) with one 8-token x tile, over the 8 k of one load.
 template <typename T>
@@ -199,14 +195,15 @@ __device__ __forceinline__ void gemv_cta(const GemvParams& p) {
         }
         T* out = static_cast<T*>(p.out) + token * p.out_row_stride + col;
         if constexpr (Tr::kSwiglu) {
-            // HF LlamaMLP rounding: gate and up products, silu(gate) and the product each in the model dtype.
-            const float gate = round_to<T>(sum[0]), up = round_to<T>(sum[1]);
-            *out = from_float<T>(round_to<T>(gate / (1.f + __expf(-gate))) * up);
+            // silu(gate) * up from the fp32 sums, rounded once (as the CUTLASS SwiGLU epilogue does;
+            // eager HF rounds the products and silu(gate) to the model dtype first).
+            const float gate = sum[0], up = sum[1];
+            *out = from_float<T>(gate / (1.f + __expf(-gate)) * up);
         } else {
             float y = sum[0];
             if (p.bias) y += to_float(static_cast<const T*>(p.bias)[col]);
-            if (p.residual)  // HF order: residual + o_proj(x), the product rounded first
-                y = to_float(static_cast<const T*>(p.residual)[token * p.residual_row_stride + col]) + round_to<T>(y);
+            if (p.residual)  // residual + o_proj(x) in fp32, rounded once (the CUTLASS epilogue's rounding)
+                y += to_float(static_cast<const T*>(p.residual)[token * p.residual_row_stride + col]);
             *out = from_float<T>(y);
         }
     }
