@@ -21,10 +21,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-# Staging: bytes per pinned buffer and number of buffers (set from perf/bench_loader.py on the H100; see
-# perf/notes/loader.md).
+# Pinned staging: 64 MiB x 2 loaded 5.85 GB at 34.1 GB/s on the H100 (2026-11-25), the best of 16/64/256 MiB
+# x 2-4 buffers (28.7-34.1 GB/s, one run each; perf/notes/loader.md): more or larger buffers bought nothing.
 STAGING_BYTES = 64 << 20
-STAGING_BUFFERS = 3
+STAGING_BUFFERS = 2
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
