@@ -1,13 +1,13 @@
 // W4A16 decode GEMV / skinny GEMM: out[m, n] = sum_k x[m, k] * ((q[n, k] - z[n, g]) * s[n, g]), fp32
-// accumulation, for M <= 16 tokens; plus the dequantize kernel the prefill path feeds to cuBLAS.
+// accumulation, for M <= 8 tokens; plus the dequantize kernel that feeds cuBLAS for more tokens.
 // Weight layout (fusedops/quant.py): qweight int32 [N, K/8], element j of a word in nibble
 // (j % 2) * 4 + j / 2, so one shift + lop3 turns a word into a bf16x2 / fp16x2 pair of consecutive k.
 //
-// Work split: a warp owns kRows weight rows; its lanes stride over K in chunks of 32 k (one 16-byte
+// Work split: a CTA owns kRows weight rows; its threads stride over K in chunks of 32 k (one 16-byte
 // load per row), kUnroll chunks of every row loaded before any is used (kRows * kUnroll loads in
-// flight per lane). Each x vector (8 k of one token) is converted once and reused by all kRows rows.
-// Lanes finish with a butterfly shuffle reduction; the epilogue rounds like the bf16 HF module
-// (product rounded to the model dtype before the residual add / SiLU).
+// flight per thread). Each x vector (8 k of one token) is converted once and reused by all kRows rows.
+// Lanes finish with a butterfly shuffle reduction, warps through shared memory; the epilogue rounds
+// like the bf16 HF module (product rounded to the model dtype before the residual add / SiLU).
 #include <type_traits>
 
 #include "common/vec.cuh"
@@ -34,8 +34,11 @@ struct DequantW4Params {
 
 namespace fusedops {
 
-constexpr int kWarps = 4;     // 4 warps a CTA: untuned (issue 6, first H100 run)
-constexpr int kRows = 4;      // weight rows per warp; even, so a SwiGLU warp holds 2 gate + 2 up rows
+// The 4 warps of a CTA split K (H100, 2026-11-25: one warp per kRows rows over all of K reached only
+// 27-53 % of copy bandwidth at M = 1, 31 % for down_proj, whose 256 CTAs left most warp slots empty).
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 4;      // weight rows per CTA; even, so a SwiGLU CTA holds 2 gate + 2 up rows
 constexpr int kUnroll = 2;    // chunks per row loaded ahead: kRows * kUnroll = 8 x 16 B in flight a lane
 constexpr int kChunk = 32;    // k per 16-byte weight load
 
@@ -108,10 +111,9 @@ template <typename T, int MT, int EPI>
 __device__ __forceinline__ void gemv_w4(const GemvW4Params& p) {
     using H2 = typename Half2Of<T>::type;
     constexpr int kOutRows = EPI == kSwiGLU ? kRows / 2 : kRows;
-    const int lane = threadIdx.x % 32;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t n_out = EPI == kSwiGLU ? p.n / 2 : p.n;
-    const int64_t first_out = (int64_t(blockIdx.x) * kWarps + threadIdx.x / 32) * kOutRows;
-    if (first_out >= n_out) return;
+    const int64_t first_out = int64_t(blockIdx.x) * kOutRows;
 
     int64_t row[kRows];
     bool valid[kRows];
@@ -133,12 +135,12 @@ __device__ __forceinline__ void gemv_w4(const GemvW4Params& p) {
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
-    for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+    for (int64_t c0 = threadIdx.x; c0 < chunks; c0 += kThreads * kUnroll) {
         uint4 wq[kUnroll][kRows];
         H2 scale[kUnroll][kRows], bias[kUnroll][kRows];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            const int64_t c = c0 + 32 * u;
+            const int64_t c = c0 + kThreads * u;
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
                 const bool live = valid[r] && c < chunks;
@@ -152,7 +154,7 @@ __device__ __forceinline__ void gemv_w4(const GemvW4Params& p) {
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            const int64_t c = c0 + 32 * u;
+            const int64_t c = c0 + kThreads * u;
             if (c >= chunks) break;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -183,25 +185,33 @@ __device__ __forceinline__ void gemv_w4(const GemvW4Params& p) {
 #pragma unroll
             for (int off = 16; off > 0; off /= 2) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
 
-    T* out = static_cast<T*>(p.out);
-    const T* residual = static_cast<const T*>(p.residual);
-    // Output (r, m) is written by lane (r * MT + m) % 32: the stores spread over the warp.
+    // Warp w's sums to shared memory (value (r, m) from lane (r * MT + m) % 32), then one thread per
+    // output adds the warps' parts and runs the epilogue.
+    __shared__ float partial[kWarps][kRows][MT];
 #pragma unroll
-    for (int r = 0; r < kOutRows; ++r) {
+    for (int r = 0; r < kRows; ++r)
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-            if (m >= p.m || !valid[r] || lane != (r * MT + m) % 32) continue;
-            const int64_t o = first_out + r;
-            float y = round_to<T>(acc[r][m]);
-            if constexpr (EPI == kResidual) {
-                y += to_float(residual[m * p.res_stride + o]);
-            } else if constexpr (EPI == kSwiGLU) {
-                const float silu = round_to<T>(y / (1.f + __expf(-y)));
-                y = silu * round_to<T>(acc[r + kOutRows][m]);
-            }
-            out[m * p.out_stride + o] = from_float<T>(y);
-        }
+        for (int m = 0; m < MT; ++m)
+            if (lane == (r * MT + m) % 32) partial[warp][r][m] = acc[r][m];
+    __syncthreads();
+    if (threadIdx.x >= kOutRows * MT) return;
+    const int r = threadIdx.x / MT, m = threadIdx.x % MT;
+    if (m >= p.m || first_out + r >= n_out) return;
+    float sum = 0.f, up = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+        sum += partial[w][r][m];
+        if constexpr (EPI == kSwiGLU) up += partial[w][r + kOutRows][m];
     }
+    const int64_t o = first_out + r;
+    float y = round_to<T>(sum);
+    if constexpr (EPI == kResidual) {
+        y += to_float(static_cast<const T*>(p.residual)[m * p.res_stride + o]);
+    } else if constexpr (EPI == kSwiGLU) {
+        const float silu = round_to<T>(y / (1.f + __expf(-y)));
+        y = silu * round_to<T>(up);
+    }
+    static_cast<T*>(p.out)[m * p.out_stride + o] = from_float<T>(y);
 }
 
 // One thread per word: 8 weights -> one 16-byte store of ((q - z) * s) in T.
@@ -225,7 +235,7 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
 }  // namespace fusedops
 
 #define FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, MT)                                                        \
-    extern "C" __global__ void __launch_bounds__(fusedops::kWarps * 32)                                     \
+    extern "C" __global__ void __launch_bounds__(fusedops::kThreads)                                        \
         gemv_w4_##EPI_NAME##_##NAME##_m##MT(const __grid_constant__ GemvW4Params p) {                       \
         fusedops::gemv_w4<T, MT, fusedops::EPI>(p);                                                         \
     }
@@ -233,8 +243,7 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
     FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, 1)                                                             \
     FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, 2)                                                             \
     FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, 4)                                                             \
-    FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, 8)                                                             \
-    FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, 16)
+    FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, 8)
 #define FUSEDOPS_W4_DTYPE(T, NAME)                                                                          \
     FUSEDOPS_GEMV_W4_TILES(T, NAME, kPlain, linear)                                                         \
     FUSEDOPS_GEMV_W4_TILES(T, NAME, kResidual, residual)                                                    \

@@ -137,3 +137,16 @@ def test_k_not_multiple_of_group_is_a_near_miss():
     misses = [n for n in reports[0].near_misses if n.pattern == "int4"]
     assert reports[0].matches["int4"] == 1 and len(misses) == 3   # down_proj has K = 128
     assert all("multiple of the group size" in n.reason for n in misses)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 5, 12])   # GEMV m1, m8; dequantize + cuBLAS
+def test_cuda_matches_fused_bf16_on_dequantized_weights(tokens):
+    m = model().cuda()
+    x = torch.randint(3, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        logits = torch.compile(m, backend="fusedops", options={"weights": "int4"})(x).logits
+        torch._dynamo.reset()
+        d = dequantized_copy(m, False)
+        same = torch.compile(d, backend="fusedops")(x).logits
+    assert torch.isfinite(logits).all() and rel(logits, same) < 3e-2, rel(logits, same)

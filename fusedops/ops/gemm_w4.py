@@ -9,8 +9,9 @@ symmetric; gate_up_silu_w4's qweight packs [Wg; Wu] (gate rows first, block = I)
 rounded to the model dtype before the residual add / SiLU, as the bf16 ops (fusedops/ops/gemm.py) do.
 
 CUDA: up to MAX_GEMV_TOKENS tokens run the GEMV kernel (the smallest M tile >= M); more tokens
-dequantize the weight into a scratch tensor and run cuBLAS (prefill is compute-bound: the 2.5 bytes
-per weight of dequant traffic are small next to the GEMM at M in the hundreds).
+dequantize the weight into a scratch tensor and run cuBLAS. The GEMV does its multiply-adds on CUDA
+cores, so from M ~ 16 it is compute-bound and dequantize + cuBLAS (tensor cores, 2.5 extra bytes
+a weight) wins; prefill is compute-bound anyway.
 """
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ from ._launch import DTYPE_SUFFIX, check_cuda, check_dtype, check_same_dtype, ke
 from .gemm import gate_up_silu_reference
 
 SOURCE = register_source("gemv_w4", "gemv_w4.cu")
-M_TILES = (1, 2, 4, 8, 16)          # the gemv_w4_*_m<MT> instantiations
-MAX_GEMV_TOKENS = M_TILES[-1]       # issue 6's decode range; above it: dequantize + cuBLAS
-WARPS, ROWS = 4, 4                  # kWarps / kRows in csrc/gemv_w4.cu
+M_TILES = (1, 2, 4, 8)              # the gemv_w4_*_m<MT> instantiations
+# Above 8 tokens: dequantize + cuBLAS. H100 graph replay, 2026-11-25 (perf/notes/int4.md, run 1), M = 16:
+# GEMV 97 / 57 / 325 / 204 us vs dequant + cuBLAS 42 / 29 / 200 / 105 us (q/k/v, o, gate/up, down).
+MAX_GEMV_TOKENS = M_TILES[-1]
+WARPS, ROWS = 4, 4                  # kWarps / kRows in csrc/gemv_w4.cu: one CTA per ROWS weight rows
 DEQUANT_THREADS = 256
 DTYPES = (torch.bfloat16, torch.float16)
 EPILOGUES = {"linear": "linear", "linear_residual": "residual", "gate_up_silu": "swiglu"}
@@ -146,7 +149,7 @@ def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual
                           residual2.data_ptr() if residual2 is not None else None,
                           m, n, k, x2.stride(0), out2.stride(0),
                           residual2.stride(0) if residual2 is not None else 0, group)
-    grid = -(-n_out // (out_rows * WARPS))
+    grid = -(-n_out // out_rows)
     kernel(SOURCE, name, GemvW4Params, x2.device).launch((grid,), (WARPS * 32,), params)
 
 
