@@ -110,7 +110,7 @@ def hf_mask(shapes=((512, 576), (512, 4096), (2048, 2112), (2048, 4096))):
         causal = times["fusedops is_causal, S keys"]
         for name, us in times.items():
             rows.append({"S": s, "cache len": cache_len, "case": name, "µs": us, "× fusedops causal": us / causal,
-                         "rel err vs fp32": err if name.startswith("fusedops mask + map + kv_len") else ""})
+                         "rel err vs fp32": f"{err:.1e}" if name.startswith("fusedops mask + map + kv_len") else ""})
         print(rows[-len(times):], flush=True)
     table(rows, f"one prefill layer's attention with HF's StaticCache mask, B=1 Hq={HQ} Hkv={HKV} D=128, bf16",
           "bench_attention_hf_mask.md")
