@@ -7,14 +7,27 @@ through pinned staging buffers: a worker thread copies chunk i+1 from the mappin
 the side stream's host-to-device copy of chunk i reads another; an event per buffer tells the worker when
 it may refill it, and the caller's stream waits for the side stream at the end. On the CPU the same chunk
 plan copies straight from the mapping, so CI exercises everything but the pinned buffers and streams.
+
+Zero-copy (zero_copy=True): no staging buffer and no host memcpy. The mapped file range itself is page-locked
+read-only (cuMemHostRegister with CU_MEMHOSTREGISTER_READ_ONLY), one page-aligned window at a time on a worker
+thread, while the side stream DMAs the previous window straight out of the page cache; a window is unpinned
+once its copies' event has completed. Host memory then carries each loaded byte once (the DMA's read) instead
+of three or four times (memcpy read + write + the DMA's read). If the driver refuses to pin a window (not
+supported for file-backed maps, locked-memory limit) the rest goes through the staging path, with the reason
+in a debug log (logger "fusedops.loader").
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import logging
 import mmap
+import os
 import struct
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -25,6 +38,10 @@ import torch
 # x 2-4 buffers (28.7-34.1 GB/s, one run each; perf/notes/loader.md): more or larger buffers bought nothing.
 STAGING_BYTES = 64 << 20
 STAGING_BUFFERS = 2
+# Host memcpy threads of the staging path (each fills its own buffer); page-locking threads of the zero-copy path.
+COPY_THREADS = 1
+# Zero-copy or staging by default: see perf/notes/loader.md for the measured comparison.
+ZERO_COPY = False
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -33,6 +50,8 @@ DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _LISTED = 5  # names shown in a missing / unexpected tensors error
+_PAGE = mmap.PAGESIZE
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -177,24 +196,52 @@ class Chunk:
     pieces: list[Piece] = field(default_factory=list)
 
 
-def plan_chunks(spans: list[tuple[int, int, int]], chunk_bytes: int) -> list[Chunk]:
+def plan_chunks(spans: list[tuple[int, int, int]], chunk_bytes: int, aligned: bool = False) -> list[Chunk]:
     """Cut the (file, start, end) byte spans of the tensors into chunks of at most chunk_bytes: small
     adjacent tensors share a chunk, large ones split over several; a gap (a skipped tensor) starts a
-    new chunk, so skipped bytes are never read."""
+    new chunk, so skipped bytes are never read. aligned=True also cuts at every multiple of chunk_bytes
+    in the file, so each chunk lies inside one window [k * chunk_bytes, (k + 1) * chunk_bytes)."""
     chunks: list[Chunk] = []
     for job in sorted(range(len(spans)), key=lambda j: spans[j][:2]):
         file, start, end = spans[job]
         pos = start
         while pos < end:
             last = chunks[-1] if chunks else None
-            if last is None or last.file != file or last.start + last.nbytes != pos or last.nbytes == chunk_bytes:
+            full = pos % chunk_bytes == 0 if aligned else last is not None and last.nbytes == chunk_bytes
+            if last is None or last.file != file or last.start + last.nbytes != pos or full:
                 last = Chunk(file, pos)
                 chunks.append(last)
-            n = min(end - pos, chunk_bytes - last.nbytes)
+            room = chunk_bytes - pos % chunk_bytes if aligned else chunk_bytes - last.nbytes
+            n = min(end - pos, room)
             last.pieces.append(Piece(job, pos - start, last.nbytes, n))
             last.nbytes += n
             pos += n
     return chunks
+
+
+class Window(NamedTuple):
+    """File bytes [begin, end), page-aligned, page-locked together for the chunks inside them."""
+    file: int
+    begin: int
+    end: int
+    chunks: list[Chunk]
+
+
+def plan_windows(chunks: list[Chunk], window_bytes: int, page: int = mmap.PAGESIZE) -> list[Window]:
+    """Group chunks planned with plan_chunks(..., window_bytes, aligned=True) by window, each window's
+    range widened to whole pages. window_bytes is a multiple of the page, so two windows never share a
+    page (the driver refuses to pin a page twice)."""
+    if window_bytes % page:
+        raise ValueError(f"window_bytes: {window_bytes} is not a multiple of the {page}-byte page")
+    windows: list[Window] = []
+    for c in chunks:
+        last = windows[-1] if windows else None
+        if last is None or last.file != c.file or last.begin // window_bytes != c.start // window_bytes:
+            last = Window(c.file, c.start // page * page, 0, [])
+            windows.append(last)
+        last.chunks.append(c)
+        windows[-1] = last._replace(end=-(-(c.start + c.nbytes) // page) * page)
+    return windows
 
 
 @dataclass(eq=False)
@@ -230,44 +277,144 @@ def _apply(chunk: Chunk, data: torch.Tensor, jobs: list[_Job], non_blocking: boo
         jobs[p.job].write(p.job_offset, data[p.chunk_offset:p.chunk_offset + p.nbytes], non_blocking)
 
 
-def _map(file: Path) -> torch.Tensor:
-    """The file as a uint8 tensor over a private mapping (writable so torch.frombuffer takes it; only
-    ever read, so no page is copied)."""
-    with open(file, "rb") as f:
-        return torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+@functools.lru_cache(maxsize=1)
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    return libc
 
 
-def _copy(jobs: list[_Job], device: torch.device, staging_bytes: int, staging_buffers: int) -> None:
+class _FileMap:
+    """A file mapped read-only and shared (PROT_READ, MAP_SHARED): its pages are the page cache's own, so
+    reading or pinning them copies nothing (a private writable map would copy each page a read-only
+    long-term pin touches). `data` is the file as a uint8 tensor, never written."""
+
+    def __init__(self, file: Path):
+        self.size = file.stat().st_size
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            address = _libc().mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {file} failed: {os.strerror(ctypes.get_errno())}")
+        self.address = address
+        self.data = torch.frombuffer((ctypes.c_ubyte * self.size).from_address(address), dtype=torch.uint8)
+
+    def close(self) -> None:
+        del self.data
+        _libc().munmap(self.address, self.size)
+
+
+class RegistrationError(RuntimeError):
+    """The driver refused to page-lock a mapped file range."""
+
+
+def _pin(address: int, nbytes: int) -> int:
+    from .runtime.driver import _driver, error_string
+    driver = _driver()
+    (err,) = driver.cuMemHostRegister(address, nbytes, driver.CU_MEMHOSTREGISTER_READ_ONLY)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RegistrationError(f"cuMemHostRegister(READ_ONLY) of {nbytes} bytes: {error_string(err)}")
+    return address
+
+
+def _unpin(address: int, after: torch.cuda.Event | None = None) -> None:
+    from .runtime.driver import _driver, check
+    if after is not None:
+        after.synchronize()
+    check(_driver().cuMemHostUnregister(address), "cuMemHostUnregister")
+
+
+def _copy(jobs: list[_Job], device: torch.device, chunk_bytes: int, in_flight: int, threads: int,
+          zero_copy: bool) -> None:
     files = sorted({j.entry.file for j in jobs})
     index = {f: i for i, f in enumerate(files)}
-    chunks = plan_chunks([(index[j.entry.file], j.entry.start, j.entry.end) for j in jobs], staging_bytes)
-    maps = [_map(f) for f in files]
-    with torch.no_grad():
-        if device.type == "cuda":
-            _stream_to_cuda(chunks, maps, jobs, device, staging_buffers)
-        else:
-            for c in chunks:
-                _apply(c, maps[c.file][c.start:c.start + c.nbytes], jobs, non_blocking=False)
+    spans = [(index[j.entry.file], j.entry.start, j.entry.end) for j in jobs]
+    with torch.no_grad(), ExitStack() as stack:
+        maps = [_FileMap(f) for f in files]
+        for m in maps:
+            stack.callback(m.close)
+        if device.type != "cuda":
+            for c in plan_chunks(spans, chunk_bytes):
+                _apply(c, maps[c.file].data[c.start:c.start + c.nbytes], jobs, non_blocking=False)
+            return
+        caller = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(caller)  # destinations were allocated (and maybe last used) on the caller's stream
+        with torch.cuda.stream(side):
+            if zero_copy:
+                window = -(-chunk_bytes // _PAGE) * _PAGE
+                windows = plan_windows(plan_chunks(spans, window, aligned=True), window)
+                done = _copy_pinned(windows, maps, files, jobs, in_flight, threads, side)
+                rest = [c for w in windows[done:] for c in w.chunks]
+            else:
+                rest = plan_chunks(spans, chunk_bytes)
+            _copy_staged(rest, maps, jobs, in_flight, threads, side)
+        caller.wait_stream(side)
 
 
-def _stream_to_cuda(chunks: list[Chunk], maps: list[torch.Tensor], jobs: list[_Job], device: torch.device,
-                    staging_buffers: int) -> None:
+def _copy_pinned(windows: list[Window], maps: list[_FileMap], files: list[Path], jobs: list[_Job], ahead: int,
+                 threads: int, side: torch.cuda.Stream) -> int:
+    """DMA window after window straight from the page-locked mapping while worker threads pin the next
+    `ahead` windows and unpin each copied one once its event completes. Returns how many windows it
+    copied: all, unless the driver refused to pin one (the caller stages the rest). Returns only after
+    every copy it queued has completed (a page is unpinned after its DMA, the maps unmapped after that)."""
+    from .runtime.driver import _ensure_context
+    if not windows:
+        return 0
+
+    def pin(w: Window) -> int:
+        return _pin(maps[w.file].address + w.begin, w.end - w.begin)
+
+    unpinned: list[Future] = []
+    with ThreadPoolExecutor(threads, thread_name_prefix="fusedops-pin", initializer=_ensure_context,
+                            initargs=(side.device.index,)) as pinner:
+        pinned = deque(pinner.submit(pin, w) for w in windows[:ahead])
+        done = 0
+        try:
+            for i, w in enumerate(windows):
+                try:
+                    address = pinned.popleft().result()
+                except RegistrationError as e:
+                    log.debug("zero-copy: pinning %s bytes [%d, %d) failed (%s); staging the remaining %d of %d "
+                              "windows", files[w.file], w.begin, w.end, e, len(windows) - i, len(windows))
+                    break
+                for c in w.chunks:
+                    _apply(c, maps[c.file].data[c.start:c.start + c.nbytes], jobs, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(side)
+                done += 1
+                if i + ahead < len(windows):  # queued before the unpin, which waits for this window's DMA
+                    pinned.append(pinner.submit(pin, windows[i + ahead]))
+                unpinned.append(pinner.submit(_unpin, address, copied))
+        finally:
+            for f in pinned:  # pinned ahead, never copied from
+                if f.exception() is None:
+                    _unpin(f.result())
+    for f in unpinned:
+        f.result()
+    return done
+
+
+def _copy_staged(chunks: list[Chunk], maps: list[_FileMap], jobs: list[_Job], buffers: int, threads: int,
+                 side: torch.cuda.Stream) -> None:
+    """Host memcpy of chunk i + 1 (worker threads) into one pinned buffer while the side stream's H2D copy of
+    chunk i reads another; an event per buffer gates its refill."""
     if not chunks:
         return
-    caller = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(caller)  # destinations were allocated (and maybe last used) on the caller's stream
     size = max(c.nbytes for c in chunks)
-    staging = [torch.empty(size, dtype=torch.uint8, pin_memory=True)
-               for _ in range(min(staging_buffers, len(chunks)))]
+    staging = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(min(buffers, len(chunks)))]
     reusable = [torch.cuda.Event() for _ in staging]  # recorded after each H2D copy out of that buffer
 
     def fill(i: int) -> None:
         c, k = chunks[i], i % len(staging)
         reusable[k].synchronize()
-        staging[k][:c.nbytes].copy_(maps[c.file][c.start:c.start + c.nbytes])
+        staging[k][:c.nbytes].copy_(maps[c.file].data[c.start:c.start + c.nbytes])
 
-    with ThreadPoolExecutor(1, thread_name_prefix="fusedops-load") as reader, torch.cuda.stream(side):
+    with ThreadPoolExecutor(threads, thread_name_prefix="fusedops-load") as reader:
         filled = deque(reader.submit(fill, i) for i in range(len(staging)))
         for i, c in enumerate(chunks):
             filled.popleft().result()
@@ -276,14 +423,14 @@ def _stream_to_cuda(chunks: list[Chunk], maps: list[torch.Tensor], jobs: list[_J
             reusable[k].record(side)
             if i + len(staging) < len(chunks):
                 filled.append(reader.submit(fill, i + len(staging)))
-    caller.wait_stream(side)
 
 
 # ---- public entry point ----
 
 def load_safetensors(model_or_path, device="cuda", *, checkpoint: str | Path | None = None,
                      strict: bool = True, staging_bytes: int = STAGING_BYTES,
-                     staging_buffers: int = STAGING_BUFFERS):
+                     staging_buffers: int = STAGING_BUFFERS, zero_copy: bool = ZERO_COPY,
+                     copy_threads: int = COPY_THREADS):
     """Load safetensors weights onto `device` ("cuda[:i]" or "cpu").
 
     Given a path (a .safetensors file, or a directory with an index json or *.safetensors files): returns
@@ -293,22 +440,28 @@ def load_safetensors(model_or_path, device="cuda", *, checkpoint: str | Path | N
     on `device` (a model built on the meta device, say) are replaced by new ones there. Everything is
     validated before the first byte is copied: on an error nothing in the model changes. Missing or
     unexpected tensors raise unless strict=False; returns IncompatibleKeys. On CUDA the copies run on a
-    side stream that the caller's current stream waits for: no host synchronization at the end.
+    side stream that the caller's current stream waits for. The staging path (zero_copy=False) copies
+    through `staging_buffers` pinned buffers of `staging_bytes`, filled by `copy_threads` threads, and
+    returns without a host sync; zero_copy=True page-locks windows of `staging_bytes` of the mapped files
+    (`staging_buffers` pinned ahead, `copy_threads` pinning threads) and returns once its DMAs are done.
     """
     device = _check_device(device)
     if staging_bytes < 1:
         raise ValueError(f"staging_bytes: must be >= 1, got {staging_bytes}")
     if staging_buffers < 2:
         raise ValueError(f"staging_buffers: must be >= 2 (one fills while another copies), got {staging_buffers}")
+    if copy_threads < 1:
+        raise ValueError(f"copy_threads: must be >= 1, got {copy_threads}")
+    how = (staging_bytes, staging_buffers, copy_threads, zero_copy)
     if isinstance(model_or_path, torch.nn.Module):
         if checkpoint is None:
             raise ValueError("checkpoint: a model needs the checkpoint (file or directory) to load from")
-        return _load_into_model(model_or_path, checkpoint, device, strict, staging_bytes, staging_buffers)
+        return _load_into_model(model_or_path, checkpoint, device, strict, how)
     if checkpoint is not None:
         raise ValueError("checkpoint: only used with a model; the path to load is model_or_path")
     entries = read_checkpoint(model_or_path)
     out = {name: torch.empty(e.shape, dtype=e.dtype, device=device) for name, e in entries.items()}
-    _copy([_Job(e, out[name]) for name, e in entries.items()], device, staging_bytes, staging_buffers)
+    _copy([_Job(e, out[name]) for name, e in entries.items()], device, *how)
     return out
 
 
@@ -327,7 +480,7 @@ def _check_device(device) -> torch.device:
 
 
 def _load_into_model(model: torch.nn.Module, checkpoint, device: torch.device, strict: bool,
-                     staging_bytes: int, staging_buffers: int) -> IncompatibleKeys:
+                     how: tuple) -> IncompatibleKeys:
     entries = read_checkpoint(checkpoint)
     targets = model.state_dict(keep_vars=True)
     to_model_name = _name_mapping(model, entries, targets)
@@ -351,7 +504,7 @@ def _load_into_model(model: torch.nn.Module, checkpoint, device: torch.device, s
                               "(strict=False loads the rest)")
     # Validated; from here on only allocation and copying.
     dests = [t if t.device == device else torch.empty(t.shape, dtype=t.dtype, device=device) for _, t in picked]
-    _copy([_Job(e, d) for (e, _), d in zip(picked, dests)], device, staging_bytes, staging_buffers)
+    _copy([_Job(e, d) for (e, _), d in zip(picked, dests)], device, *how)
     _replace(model, {id(t): d for (_, t), d in zip(picked, dests) if d is not t})
     return IncompatibleKeys(missing, unexpected)
 

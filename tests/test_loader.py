@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import poison_
 from fusedops import load_safetensors
-from fusedops.loader import CheckpointError, plan_chunks
+import fusedops.loader as loader
+from fusedops.loader import CheckpointError, plan_chunks, plan_windows
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,6 +118,45 @@ def test_plan_chunks_covers_every_byte_once():
             assert sum(n for _, n in offsets) == end - start
 
 
+def random_spans(seed, count=40):
+    g = torch.Generator().manual_seed(seed)
+    spans, pos = [], [0, 0]
+    for j in range(count):
+        file = j % 2
+        gap = int(torch.randint(0, 3, (1,), generator=g))
+        n = int(torch.randint(0, 300, (1,), generator=g))
+        spans.append((file, pos[file] + gap, pos[file] + gap + n))
+        pos[file] += gap + n
+    return spans
+
+
+def test_aligned_chunks_stay_inside_their_window():
+    spans = random_spans(2)
+    for window in (1, 16, 64, 4096):
+        chunks = plan_chunks(spans, window, aligned=True)
+        assert all(c.start // window == (c.start + c.nbytes - 1) // window for c in chunks)
+        assert sum(c.nbytes for c in chunks) == sum(e - s for _, s, e in spans)
+        # contiguous bytes are cut only at window boundaries
+        for a, b in zip(chunks, chunks[1:]):
+            if a.file == b.file and a.start + a.nbytes == b.start:
+                assert b.start % window == 0
+
+
+@pytest.mark.parametrize("window, page", [(16, 8), (64, 16), (4096, 4096)])
+def test_windows_are_page_aligned_disjoint_and_cover_their_chunks(window, page):
+    chunks = plan_chunks(random_spans(3, 200), window, aligned=True)
+    windows = plan_windows(chunks, window, page)
+    assert [c for w in windows for c in w.chunks] == chunks
+    for w in windows:
+        assert w.begin % page == 0 and w.end % page == 0 and w.end - w.begin <= window
+        assert all(w.file == c.file and w.begin <= c.start and c.start + c.nbytes <= w.end for c in w.chunks)
+    for file in (0, 1):
+        ranges = sorted((w.begin, w.end) for w in windows if w.file == file)
+        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))  # no page pinned twice
+    with pytest.raises(ValueError, match="^window_bytes:"):
+        plan_windows(chunks, window + 1, page)
+
+
 # ---- bad files: CheckpointError naming file and tensor ----
 
 def good_header():
@@ -170,7 +210,7 @@ def test_truncated_or_garbled_header(tmp_path, data, message):
 @pytest.mark.parametrize("kwargs, arg", [
     (dict(device="meta"), "device"), (dict(device="nonsense"), "device"),
     (dict(device="cpu", staging_bytes=0), "staging_bytes"), (dict(device="cpu", staging_buffers=1), "staging_buffers"),
-    (dict(device="cpu", checkpoint="x"), "checkpoint"),
+    (dict(device="cpu", checkpoint="x"), "checkpoint"), (dict(device="cpu", copy_threads=0), "copy_threads"),
 ])
 def test_bad_arguments_name_the_argument(tmp_path, kwargs, arg):
     save_file({"x": torch.ones(1)}, tmp_path / "a.safetensors")
@@ -287,13 +327,14 @@ def test_all_or_nothing(tmp_path, breakage):
 
 # ---- GPU: pinned staging, side stream, caller-stream ordering ----
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("staging_bytes, buffers", [(4099, 2), (4099, 3), (1 << 16, 4), (64 << 20, 3)])
-def test_cuda_round_trip(tmp_path, staging_bytes, buffers):
+_REAL_PIN = loader._pin
+
+
+def cuda_round_trip(tmp_path, **kwargs):
     t = random_tensors()
     big = {f"big{i}": torch.randn(1000 + i, 333).bfloat16() for i in range(3)}
     save_file({**t, **big}, tmp_path / "a.safetensors")
-    out = load_safetensors(tmp_path, staging_bytes=staging_bytes, staging_buffers=buffers)
+    out = load_safetensors(tmp_path, **kwargs)
     # no synchronize: work queued on the current stream must see the loaded bytes
     sums = {k: v.double().sum() for k, v in out.items() if v.is_floating_point()}
     assert all(v.device.type == "cuda" for v in out.values())
@@ -302,8 +343,44 @@ def test_cuda_round_trip(tmp_path, staging_bytes, buffers):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("staging_bytes, buffers, threads", [(4099, 2, 1), (4099, 3, 2), (1 << 16, 4, 3),
+                                                              (64 << 20, 3, 1)])
+def test_cuda_round_trip(tmp_path, staging_bytes, buffers, threads):
+    cuda_round_trip(tmp_path, staging_bytes=staging_bytes, staging_buffers=buffers, copy_threads=threads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window, ahead, threads", [(4096, 2, 1), (12288, 3, 2), (1 << 16, 2, 2), (64 << 20, 2, 1)])
+def test_cuda_zero_copy_pins_the_mapping(tmp_path, caplog, monkeypatch, window, ahead, threads):
+    pinned = []
+    monkeypatch.setattr(loader, "_pin", lambda address, nbytes: pinned.append(nbytes) or _REAL_PIN(address, nbytes))
+    with caplog.at_level("DEBUG", logger="fusedops.loader"):
+        cuda_round_trip(tmp_path, zero_copy=True, staging_bytes=window, staging_buffers=ahead, copy_threads=threads)
+    assert "zero-copy" not in caplog.text  # the driver pinned every window: no fallback
+    assert pinned and all(n % 4096 == 0 and n <= -(-window // 4096) * 4096 for n in pinned)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("refused", [0, 3])
+def test_cuda_zero_copy_falls_back_to_staging(tmp_path, caplog, monkeypatch, refused):
+    calls = []
+
+    def pin(address, nbytes):
+        calls.append(nbytes)
+        if len(calls) > refused:
+            raise loader.RegistrationError("refused by the test")
+        return _REAL_PIN(address, nbytes)
+
+    monkeypatch.setattr(loader, "_pin", pin)
+    with caplog.at_level("DEBUG", logger="fusedops.loader"):
+        cuda_round_trip(tmp_path, zero_copy=True, staging_bytes=4096, staging_buffers=2)
+    assert "refused by the test" in caplog.text and "staging the remaining" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero_copy", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_model_in_place_cast_and_moved(tmp_path, dtype):
+def test_cuda_model_in_place_cast_and_moved(tmp_path, dtype, zero_copy):
     source = tiny_llama(0)
     source.save_pretrained(tmp_path, max_shard_size="40KB")
     expected = {k: v.to(dtype) for k, v in source.state_dict().items()}
@@ -311,10 +388,10 @@ def test_cuda_model_in_place_cast_and_moved(tmp_path, dtype):
     ptrs = {k: v.data_ptr() for k, v in on_gpu.state_dict().items()}
     for p in on_gpu.parameters():
         poison_(p.data)
-    load_safetensors(on_gpu, checkpoint=tmp_path, staging_bytes=4099, staging_buffers=2)
+    load_safetensors(on_gpu, checkpoint=tmp_path, staging_bytes=4099, staging_buffers=2, zero_copy=zero_copy)
     state = on_gpu.state_dict()
     assert all(v.data_ptr() == ptrs[k] and torch.equal(v.cpu(), expected[k]) for k, v in state.items())
     on_meta = tiny_llama(1, dtype=dtype, device="meta")
-    load_safetensors(on_meta, checkpoint=tmp_path)
+    load_safetensors(on_meta, checkpoint=tmp_path, zero_copy=zero_copy)
     assert all(v.is_cuda and torch.equal(v.cpu(), expected[k]) for k, v in on_meta.state_dict().items())
     assert on_meta.lm_head.weight is on_meta.model.embed_tokens.weight

@@ -69,17 +69,24 @@ def random_model(config, device: torch.device, seed: int = 0):
 
 
 def checkpoint_model(path: str | Path, device: torch.device, layers: int | None = None):
-    """fp32 model from a local HF directory (config.json + *.safetensors); never touches the network."""
+    """fp32 model from a local HF directory (config.json + *.safetensors); never touches the network. Built
+    from the config on `device`, then filled by fusedops.load_safetensors (mmap, pinned, side-stream copies);
+    with `layers` the checkpoint's deeper layers are skipped unread."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..loader import load_safetensors
     path = Path(path)
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         raise ValueError(f"checkpoint: {path} needs config.json and *.safetensors files")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if layers is not None:
         config.num_hidden_layers = _check_layers(layers)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
-                                                 local_files_only=True)
-    return model.to(device).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, _ = load_safetensors(model, device, checkpoint=path, strict=layers is None)
+    if missing:
+        raise ValueError(f"checkpoint: {path} lacks {len(missing)} of the model's tensors ({', '.join(missing[:5])})")
+    return model.eval()
 
 
 def cast_parameters(model, dtype: torch.dtype) -> None:
