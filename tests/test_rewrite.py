@@ -26,7 +26,7 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2")
 # default options on an L-layer Llama-family model: the residual adds go to linear_residual, so all
 # 2L+1 norms are plain rms_norm
 EXPECTED = {"qkv": L, "gate_up_silu": L, "linear_residual": 2 * L, "rms_norm": 2 * L + 1, "rope": L,
-            "attention": L}
+            "attention": L, "linear": 1}   # linear: lm_head
 
 
 def build(family, attn="sdpa", dtype=torch.float32, seed=0):
@@ -82,8 +82,8 @@ def test_fp32_counts_and_parity(family, attn):
     assert not report.fallbacks
     assert rel_err(got, expected) <= 1e-4
     before, after = report.ops_before, report.ops_after
-    assert before["linear"] == 7 * L + 1 and after["linear"] == 1            # only lm_head is left
-    assert after["fusedops.linear"] == L and after["fusedops.gate_up_silu"] == L
+    assert before["linear"] == 7 * L + 1 and after["linear"] == 0
+    assert after["fusedops.linear"] == L + 1 and after["fusedops.gate_up_silu"] == L
     assert after["fusedops.rms_norm"] == 2 * L + 1 and after["rsqrt"] == 0
     assert after["fusedops.attention"] == L and after["sdpa"] == 0 and after["softmax"] == 0
     assert after["fusedops.rope"] == L and after["neg"] == 0
@@ -143,7 +143,8 @@ def test_static_cache_prefill_and_decode(family, attn):
 
 def test_gpt2_only_its_attention_is_rewritten():
     """GPT-2 has no RMSNorm, RoPE, SwiGLU or bias-free residual projection (Conv1D is addmm); its
-    SDPA is plain attention and is taken. With attention off the graph is left as traced."""
+    SDPA is plain attention and its lm_head a plain projection: both are taken. With every fusion off
+    the graph is left as traced."""
     model = build("gpt2")
     x = ids()
     with torch.no_grad():
@@ -152,7 +153,7 @@ def test_gpt2_only_its_attention_is_rewritten():
         got = compiled(x).logits
         untouched, results_off = compile_rewritten(model, RewriteOptions(fusions=set()))
         same = untouched(x).logits
-    assert dict(results[0].report.matches) == {"attention": L}
+    assert dict(results[0].report.matches) == {"attention": L, "linear": 1}
     assert rel_err(got, expected) <= 1e-5
     assert sum(results_off[0].report.matches.values()) == 0
     assert results_off[0].report.ops_after == results_off[0].report.ops_before

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .base import Context, Pattern, op_counts
 from .attention import AttentionPattern
-from .linear import LinearResidualPattern, QkvPattern
+from .linear import LinearResidualPattern, PlainLinearPattern, QkvPattern
 from .mlp import GateUpSiluPattern
 from .norm import RmsNormPattern
 from .rope import RopePattern
@@ -17,6 +17,7 @@ PATTERNS: tuple[Pattern, ...] = (
     RmsNormPattern(),         # rms_norm, or add_rms_norm when the add is still there
     RopePattern(),            # rope_cache_write (rope + both cache writes) before plain rope
     AttentionPattern(),       # after the cache writes are known, for kv_len
+    PlainLinearPattern(),     # whatever projection is left (lm_head)
 )
 
 ALL_FUSIONS = frozenset(name for p in PATTERNS for name in p.names)
