@@ -38,9 +38,11 @@ import torch
 # x 2-4 buffers (28.7-34.1 GB/s, one run each; perf/notes/loader.md): more or larger buffers bought nothing.
 STAGING_BYTES = 64 << 20
 STAGING_BUFFERS = 2
-# Host memcpy threads of the staging path (each fills its own buffer); page-locking threads of the zero-copy path.
+# Host memcpy threads of the staging path (each fills its own buffer), page-locking threads of the zero-copy path.
+# 1: 64 MiB x 4 with 2 threads loaded 4.10 GB at 32.7 GB/s vs 32.1 with 1 (noise), 16 MiB x 8 with 4 at 25.5.
 COPY_THREADS = 1
-# Zero-copy or staging by default: see perf/notes/loader.md for the measured comparison.
+# Staging by default: warm, zero-copy loaded at 14.9-20.9 GB/s vs staging's 32.1 (H100, 2026-11-25): page-locking
+# runs at 29.7 GB/s and does not overlap the DMA (pin + copy times add up). Cold (disk-bound) it won, 1.7 vs 1.2 GB/s.
 ZERO_COPY = False
 
 DTYPES = {
@@ -315,7 +317,8 @@ class RegistrationError(RuntimeError):
 def _pin(address: int, nbytes: int) -> int:
     from .runtime.driver import _driver, error_string
     driver = _driver()
-    (err,) = driver.cuMemHostRegister(address, nbytes, driver.CU_MEMHOSTREGISTER_READ_ONLY)
+    result = driver.cuMemHostRegister(address, nbytes, driver.CU_MEMHOSTREGISTER_READ_ONLY)
+    err = result[0] if isinstance(result, tuple) else result
     if err != driver.CUresult.CUDA_SUCCESS:
         raise RegistrationError(f"cuMemHostRegister(READ_ONLY) of {nbytes} bytes: {error_string(err)}")
     return address
@@ -326,6 +329,11 @@ def _unpin(address: int, after: torch.cuda.Event | None = None) -> None:
     if after is not None:
         after.synchronize()
     check(_driver().cuMemHostUnregister(address), "cuMemHostUnregister")
+
+
+def _bind_context(context) -> None:
+    from .runtime.driver import _driver, check
+    check(_driver().cuCtxSetCurrent(context), "cuCtxSetCurrent")
 
 
 def _copy(jobs: list[_Job], device: torch.device, chunk_bytes: int, in_flight: int, threads: int,
@@ -362,16 +370,20 @@ def _copy_pinned(windows: list[Window], maps: list[_FileMap], files: list[Path],
     `ahead` windows and unpin each copied one once its event completes. Returns how many windows it
     copied: all, unless the driver refused to pin one (the caller stages the rest). Returns only after
     every copy it queued has completed (a page is unpinned after its DMA, the maps unmapped after that)."""
-    from .runtime.driver import _ensure_context
+    from .runtime.driver import _driver, _ensure_context, check
     if not windows:
         return 0
+    # Pinning needs torch's context current on the pinning thread; a fresh thread has none (and
+    # torch.cuda.set_device there skips binding one when the index already matches), so hand it over.
+    _ensure_context(side.device.index)
+    context = check(_driver().cuCtxGetCurrent(), "cuCtxGetCurrent")
 
     def pin(w: Window) -> int:
         return _pin(maps[w.file].address + w.begin, w.end - w.begin)
 
     unpinned: list[Future] = []
-    with ThreadPoolExecutor(threads, thread_name_prefix="fusedops-pin", initializer=_ensure_context,
-                            initargs=(side.device.index,)) as pinner:
+    with ThreadPoolExecutor(threads, thread_name_prefix="fusedops-pin", initializer=_bind_context,
+                            initargs=(context,)) as pinner:
         pinned = deque(pinner.submit(pin, w) for w in windows[:ahead])
         done = 0
         try:
