@@ -3,11 +3,11 @@
 // Weight layout (fusedops/quant.py): qweight int32 [N, K/8], element j of a word in nibble
 // (j % 2) * 4 + j / 2, so one shift + lop3 turns a word into a bf16x2 / fp16x2 pair of consecutive k.
 //
-// Work split: a CTA owns kRows weight rows; its threads stride over K in chunks of 32 k (one 16-byte
+// Work split: a warp owns kRows weight rows; its lanes stride over K in chunks of 32 k (one 16-byte
 // load per row), kUnroll chunks of every row loaded before any is used (kRows * kUnroll loads in
-// flight per thread). Each x vector (8 k of one token) is converted once and reused by all kRows rows.
-// Lanes finish with a butterfly shuffle reduction, warps through shared memory; the epilogue rounds
-// like the bf16 HF module (product rounded to the model dtype before the residual add / SiLU).
+// flight per lane). Each x vector (8 k of one token) is converted once and reused by all kRows rows.
+// Lanes finish with a butterfly shuffle reduction; the epilogue rounds like the bf16 HF module
+// (product rounded to the model dtype before the residual add / SiLU).
 #include <type_traits>
 
 #include "common/vec.cuh"
@@ -34,11 +34,11 @@ struct DequantW4Params {
 
 namespace fusedops {
 
-// The 4 warps of a CTA split K (H100, 2026-11-25: one warp per kRows rows over all of K reached only
-// 27-53 % of copy bandwidth at M = 1, 31 % for down_proj, whose 256 CTAs left most warp slots empty).
+// A warp owns its rows over all of K. H100, 2026-11-25 (perf/notes/int4.md): the CTA's 4 warps splitting
+// K instead measured 14.8 / 54.4 us (q/k/v, gate/up, M = 1) vs 12.2 / 39.3 here; only down_proj
+// (K = 14336, 256 CTAs) gained, 26.5 vs 33.3 us, and the 32-layer step went 4.2 -> 4.5 ms.
 constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 4;      // weight rows per CTA; even, so a SwiGLU CTA holds 2 gate + 2 up rows
+constexpr int kRows = 4;      // weight rows per warp; even, so a SwiGLU warp holds 2 gate + 2 up rows
 constexpr int kUnroll = 2;    // chunks per row loaded ahead: kRows * kUnroll = 8 x 16 B in flight a lane
 constexpr int kChunk = 32;    // k per 16-byte weight load
 
@@ -111,9 +111,10 @@ template <typename T, int MT, int EPI>
 __device__ __forceinline__ void gemv_w4(const GemvW4Params& p) {
     using H2 = typename Half2Of<T>::type;
     constexpr int kOutRows = EPI == kSwiGLU ? kRows / 2 : kRows;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
     const int64_t n_out = EPI == kSwiGLU ? p.n / 2 : p.n;
-    const int64_t first_out = int64_t(blockIdx.x) * kOutRows;
+    const int64_t first_out = (int64_t(blockIdx.x) * kWarps + threadIdx.x / 32) * kOutRows;
+    if (first_out >= n_out) return;
 
     int64_t row[kRows];
     bool valid[kRows];
@@ -135,12 +136,12 @@ __device__ __forceinline__ void gemv_w4(const GemvW4Params& p) {
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
-    for (int64_t c0 = threadIdx.x; c0 < chunks; c0 += kThreads * kUnroll) {
+    for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
         uint4 wq[kUnroll][kRows];
         H2 scale[kUnroll][kRows], bias[kUnroll][kRows];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            const int64_t c = c0 + kThreads * u;
+            const int64_t c = c0 + 32 * u;
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
                 const bool live = valid[r] && c < chunks;
@@ -154,7 +155,7 @@ __device__ __forceinline__ void gemv_w4(const GemvW4Params& p) {
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            const int64_t c = c0 + kThreads * u;
+            const int64_t c = c0 + 32 * u;
             if (c >= chunks) break;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -185,33 +186,25 @@ __device__ __forceinline__ void gemv_w4(const GemvW4Params& p) {
 #pragma unroll
             for (int off = 16; off > 0; off /= 2) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
 
-    // Warp w's sums to shared memory (value (r, m) from lane (r * MT + m) % 32), then one thread per
-    // output adds the warps' parts and runs the epilogue.
-    __shared__ float partial[kWarps][kRows][MT];
+    T* out = static_cast<T*>(p.out);
+    const T* residual = static_cast<const T*>(p.residual);
+    // Output (r, m) is written by lane (r * MT + m) % 32: the stores spread over the warp.
 #pragma unroll
-    for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < kOutRows; ++r) {
 #pragma unroll
-        for (int m = 0; m < MT; ++m)
-            if (lane == (r * MT + m) % 32) partial[warp][r][m] = acc[r][m];
-    __syncthreads();
-    if (threadIdx.x >= kOutRows * MT) return;
-    const int r = threadIdx.x / MT, m = threadIdx.x % MT;
-    if (m >= p.m || first_out + r >= n_out) return;
-    float sum = 0.f, up = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-        sum += partial[w][r][m];
-        if constexpr (EPI == kSwiGLU) up += partial[w][r + kOutRows][m];
+        for (int m = 0; m < MT; ++m) {
+            if (m >= p.m || !valid[r] || lane != (r * MT + m) % 32) continue;
+            const int64_t o = first_out + r;
+            float y = round_to<T>(acc[r][m]);
+            if constexpr (EPI == kResidual) {
+                y += to_float(residual[m * p.res_stride + o]);
+            } else if constexpr (EPI == kSwiGLU) {
+                const float silu = round_to<T>(y / (1.f + __expf(-y)));
+                y = silu * round_to<T>(acc[r + kOutRows][m]);
+            }
+            out[m * p.out_stride + o] = from_float<T>(y);
+        }
     }
-    const int64_t o = first_out + r;
-    float y = round_to<T>(sum);
-    if constexpr (EPI == kResidual) {
-        y += to_float(static_cast<const T*>(p.residual)[m * p.res_stride + o]);
-    } else if constexpr (EPI == kSwiGLU) {
-        const float silu = round_to<T>(y / (1.f + __expf(-y)));
-        y = silu * round_to<T>(up);
-    }
-    static_cast<T*>(p.out)[m * p.out_stride + o] = from_float<T>(y);
 }
 
 // One thread per word: 8 weights -> one 16-byte store of ((q - z) * s) in T.
@@ -235,7 +228,7 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
 }  // namespace fusedops
 
 #define FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, MT)                                                        \
-    extern "C" __global__ void __launch_bounds__(fusedops::kThreads)                                        \
+    extern "C" __global__ void __launch_bounds__(fusedops::kWarps * 32)                                     \
         gemv_w4_##EPI_NAME##_##NAME##_m##MT(const __grid_constant__ GemvW4Params p) {                       \
         fusedops::gemv_w4<T, MT, fusedops::EPI>(p);                                                         \
     }

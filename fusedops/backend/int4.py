@@ -1,10 +1,10 @@
 """options={"weights": "int4"}: after the rewrite, the fused projections run on int4 weights.
 
-    fusedops::linear(x, W, None)          -> fusedops::linear_w4            (the stacked q/k/v)
+    fusedops::linear(x, Wqkv, None)       -> fusedops::linear_w4            (the stacked q/k/v)
     fusedops::linear_residual(x, W, res)  -> fusedops::linear_residual_w4   (o_proj, down_proj)
     fusedops::gate_up_silu(x, Wgu, block) -> fusedops::gate_up_silu_w4      ([Wg; Wu] re-packed plainly)
-    linear(x, W) on a parameter            -> fusedops::linear_w4            (lm_head: the graph's last
-                                                                           plain linear; "int4_lm_head")
+    the last plain projection              -> fusedops::linear_w4            (lm_head, "int4_lm_head": a
+      (fusedops::linear marked PLAIN_LINEAR by the rewrite, or a torch linear)      bias-free one)
 
 lm_head stays in the model dtype by default: its output is the logits themselves (GPTQ and AWQ leave it
 unquantized for that reason), and it is 1 of 7 GEMMs a layer-stack reads, ~13 % of an int4 Llama-3-8B
@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from .. import quant
 from ..ops.gemm import split_gate_up
 from .patterns import op_counts
-from .patterns.linear import linear_parts
+from .patterns.linear import PLAIN_LINEAR, linear_parts
 from .patterns.nodes import kind
 from .report import Report
 
@@ -127,12 +127,19 @@ class Int4Pass:
                                     + (" (cached)" if cached else ""))
 
     def run(self) -> None:
-        plain = [n for n in self.graph.nodes if n.op == "call_function" and kind(n) == "linear"]
+        plain = [n for n in self.graph.nodes if n.op == "call_function" and (
+            kind(n) == "linear" or (n.target is OPS.linear.default and n.meta.get(PLAIN_LINEAR)))]
         lm_head = plain[-1] if self.lm_head and plain else None
         for node in list(self.graph.nodes):
-            if node.op != "call_function":
+            if node.op != "call_function" or (node in plain and node is not lm_head):
                 continue
-            if node.target is OPS.linear.default and (len(node.args) < 3 or node.args[2] is None):
+            if node is lm_head:
+                x, w, bias = node.args[:3] if node.target is OPS.linear.default else linear_parts(node)
+                if bias is None:
+                    self._swap(node, OPS.linear_w4.default, x, w, "lm_head", quant.quantize)
+                else:
+                    self.report.near_miss("int4", node, "lm_head has a bias")
+            elif node.target is OPS.linear.default and (len(node.args) < 3 or node.args[2] is None):
                 x, w = node.args[:2]
                 self._swap(node, OPS.linear_w4.default, x, w, "linear", quant.quantize)
             elif node.target is OPS.linear_residual.default:
@@ -143,12 +150,6 @@ class Int4Pass:
                 x, w, block = node.args
                 self._swap(node, OPS.gate_up_silu_w4.default, x, w, "gate_up",
                            lambda t, b=block: quant.quantize(torch.cat(split_gate_up(t, b), 0)))
-            elif node is lm_head:
-                x, w, bias = linear_parts(node)
-                if bias is None:
-                    self._swap(node, OPS.linear_w4.default, x, w, "lm_head", quant.quantize)
-                else:
-                    self.report.near_miss("int4", node, "lm_head has a bias")
         self.graph.lint()
         self.gm.recompile()
 

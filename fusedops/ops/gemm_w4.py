@@ -31,7 +31,7 @@ M_TILES = (1, 2, 4, 8)              # the gemv_w4_*_m<MT> instantiations
 # Above 8 tokens: dequantize + cuBLAS. H100 graph replay, 2026-11-25 (perf/notes/int4.md, run 1), M = 16:
 # GEMV 97 / 57 / 325 / 204 us vs dequant + cuBLAS 42 / 29 / 200 / 105 us (q/k/v, o, gate/up, down).
 MAX_GEMV_TOKENS = M_TILES[-1]
-WARPS, ROWS = 4, 4                  # kWarps / kRows in csrc/gemv_w4.cu: one CTA per ROWS weight rows
+WARPS, ROWS = 4, 4                  # kWarps / kRows in csrc/gemv_w4.cu: one warp per ROWS weight rows
 DEQUANT_THREADS = 256
 DTYPES = (torch.bfloat16, torch.float16)
 EPILOGUES = {"linear": "linear", "linear_residual": "residual", "gate_up_silu": "swiglu"}
@@ -149,7 +149,7 @@ def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual
                           residual2.data_ptr() if residual2 is not None else None,
                           m, n, k, x2.stride(0), out2.stride(0),
                           residual2.stride(0) if residual2 is not None else 0, group)
-    grid = -(-n_out // out_rows)
+    grid = -(-n_out // (out_rows * WARPS))
     kernel(SOURCE, name, GemvW4Params, x2.device).launch((grid,), (WARPS * 32,), params)
 
 
