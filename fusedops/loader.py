@@ -229,7 +229,7 @@ class Window(NamedTuple):
     chunks: list[Chunk]
 
 
-def plan_windows(chunks: list[Chunk], window_bytes: int, page: int = mmap.PAGESIZE) -> list[Window]:
+def plan_windows(chunks: list[Chunk], window_bytes: int, page: int = _PAGE) -> list[Window]:
     """Group chunks planned with plan_chunks(..., window_bytes, aligned=True) by window, each window's
     range widened to whole pages. window_bytes is a multiple of the page, so two windows never share a
     page (the driver refuses to pin a page twice)."""
