@@ -150,3 +150,13 @@ def test_cuda_matches_fused_bf16_on_dequantized_weights(tokens):
         d = dequantized_copy(m, False)
         same = torch.compile(d, backend="fusedops")(x).logits
     assert torch.isfinite(logits).all() and rel(logits, same) < 3e-2, rel(logits, same)
+
+
+def test_int4_keeps_gate_up_plain_so_it_aliases(monkeypatch):
+    """No GEMM reads an interleaved [Wg; Wu] when the int4 pass re-packs it: block = I, 0 B extra."""
+    seen = []
+    rewrite = backend.rewrite_graph
+    monkeypatch.setattr(backend, "rewrite_graph", lambda gm, ex, o: (seen.append(o), rewrite(gm, ex, o))[1])
+    _, reports = compiled_logits(model(), {"weights": "int4"})
+    assert seen and all(o.plain_gate_up for o in seen)
+    assert any("gate_up" in w and "aliased" in w for w in reports[0].weights)

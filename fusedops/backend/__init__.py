@@ -52,8 +52,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, opts: BackendOptions
     """Rewrite one Dynamo graph and wrap it for running; returns (callable, report)."""
     start = time.perf_counter()
     name = _graph_name()
-    rewrite_opts = RewriteOptions(dry_run=opts.dry_run, **({} if opts.fusions is None else
-                                                            {"fusions": opts.fusions}))
+    rewrite_opts = RewriteOptions(dry_run=opts.dry_run, plain_gate_up=opts.weights == "int4",
+                                  **({} if opts.fusions is None else {"fusions": opts.fusions}))
     result = rewrite_graph(gm, example_inputs, rewrite_opts)
     report = result.report
     if opts.weights == "int4":

@@ -29,6 +29,8 @@ class RewriteOptions:
     dry_run: bool = False              # report what would be rewritten, return gm unchanged
     weight_mode: str = "alias"         # "alias": memory-neutral re-pointing, "copy": new tensors (weights.py)
     gate_up_block: Optional[int] = None  # prepare_gate_up's block; None = the GEMM dispatcher's (mlp.py)
+    plain_gate_up: bool = False        # block = I ([Wg; Wu] aliased, 0 B extra) when no GEMM will read the
+                                       # interleaved copy (weights="int4" re-packs gate/up anyway)
 
     def __post_init__(self):
         object.__setattr__(self, "fusions", frozenset(self.fusions))

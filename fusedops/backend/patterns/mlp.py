@@ -56,7 +56,7 @@ class GateUpSiluPattern:
         if problem is None and shape(w_gate) != shape(w_up):
             problem = f"gate {shape(w_gate)} and up {shape(w_up)} weights differ in shape"
         inter = shape(w_gate)[0] if problem is None else 0
-        block = ctx.options.gate_up_block or _default_block(x, inter)
+        block = ctx.options.gate_up_block or (inter if ctx.options.plain_gate_up else _default_block(x, inter))
         if problem is None and inter % block:
             problem = f"gate_up_block {block} does not divide the intermediate size {inter}"
         if problem:
