@@ -29,6 +29,25 @@ def cases():
     yield "attention cache", lambda: F.attention(r(b, hq, 3, d), kc, vc, None, None, True,
                                                  torch.tensor([40, 80], device=dev, dtype=torch.int32))
     yield "linear", lambda: F.linear(r(7, 256), r(384, 256), None)
+    # decode-size GEMV (M <= 16): odd N, all three epilogues
+    yield "gemv linear", lambda: F.linear(r(3, 264), r(100, 264), r(100))
+    yield "gemv residual", lambda: F.linear_residual(r(5, 136), r(77, 136), r(5, 77))
+    yield "gemv swiglu", lambda: F.gate_up_silu(r(2, 256), r(2 * 96, 256), 96)
+    # int4 GEMV and its dequantize + GEMM route
+    from fusedops import quant
+    qw = quant.quantize(r(96, 256))
+    for m in (1, 5, 20):
+        yield f"linear_w4 M={m}", lambda m=m: F.linear_w4(r(m, 256), qw.qweight, qw.scales, qw.zeros, qw.group)
+    qgu = quant.quantize(r(2 * 64, 256))
+    yield "gate_up_silu_w4", lambda: F.gate_up_silu_w4(r(3, 256), qgu.qweight, qgu.scales, qgu.zeros, qgu.group)
+    yield "linear_residual_w4", lambda: F.linear_residual_w4(r(2, 256), qw.qweight, qw.scales, qw.zeros,
+                                                             qw.group, r(2, 96))
+    # boolean-mask prefill: the block map, then the kernel skipping / unmasked / mixed tiles
+    mask = torch.rand(b, 1, s, l, device=dev) > 0.3
+    mask[..., :s, :] &= torch.ones(s, l, device=dev, dtype=torch.bool).tril(5)
+    blocks = F.attention_mask_blocks(mask)
+    yield "attention_mask_blocks", lambda: F.attention_mask_blocks(mask)
+    yield "attention masked", lambda: F.attention(q, kc, vc, mask, None, False, None, blocks)
     for name in ("softmax", "layer_norm", "transpose"):
         if hasattr(F, name):
             yield name, {"softmax": lambda: F.softmax(r(5, 1000)),
