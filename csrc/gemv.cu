@@ -103,15 +103,17 @@ struct Cta {
     float acc[Tr::kRowTiles][Tr::kTokenTiles][4];
 
     // One step of Tr::kStepK k starting at k0. CHECK: the step may run past K (the last, partial one).
-    // Loads are never skipped, only their values zeroed (out-of-range ones read offset 0 instead): a
-    // branch around a volatile load would split the step and the loads would no longer issue together.
+    // Loads are never skipped, only their values zeroed: an out-of-range lane reads its row's first 8 k
+    // (always inside the tensor) and zeroes both W and x — zeroing x alone is not enough, since memory past
+    // the row may hold Inf/NaN bit patterns and Inf * 0 = NaN. A branch around a volatile load would split
+    // the step and the loads would no longer issue together.
     template <bool CHECK>
     __device__ __forceinline__ void step(int64_t k0, int64_t k) {
         uint4 wv[Tr::kRowTiles][2][Tr::kUnroll], xv[Tr::kTokenTiles][Tr::kUnroll];
 #pragma unroll
         for (int u = 0; u < Tr::kUnroll; ++u) {
             const bool in = !CHECK || k0 + 32 * u + 8 * (threadIdx.x & 3) < k;
-            const int64_t at = in ? k0 + 32 * u : 0;
+            const int64_t at = in ? k0 + 32 * u : -8 * static_cast<int64_t>(threadIdx.x & 3);
 #pragma unroll
             for (int j = 0; j < Tr::kRowTiles; ++j)
 #pragma unroll
@@ -121,6 +123,12 @@ struct Cta {
 #pragma unroll
             for (int t = 0; t < Tr::kTokenTiles; ++t)
                 if (!(in && token_ok[t])) xv[t][u] = make_uint4(0, 0, 0, 0);  // zero x: its W products vanish
+            if (!in) {
+#pragma unroll
+                for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) wv[j][h][u] = make_uint4(0, 0, 0, 0);
+            }
         }
         __syncwarp();  // loads stay above, mmas below: ptxas otherwise interleaves them (see load_weight)
 #pragma unroll

@@ -186,3 +186,29 @@ def test_captures_in_cuda_graphs(m):
     _check(outs[1], xf @ w.float().T + res.float(), res + F.linear(x, w))
     _check(outs[2], F.silu(xf @ w[:512].float().T) * (xf @ w[:512].flip(0).float().T),
            gemm.gate_up_silu_reference(x, w_gu, 128))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [8, 24, 40, 264])
+def test_partial_steps_ignore_nan_memory_past_the_rows(dtype, k):
+    """The last step's out-of-range lanes must not multiply whatever lies past a row (Inf/NaN) by 0."""
+    n, m = 48, 3
+    x, w = _inputs(m, n, k, dtype, seed=k)
+    storage = torch.full((n + 8, k), float("nan"), dtype=dtype, device="cuda")
+    storage[:n] = w
+    w_in_nan = storage[:n]
+    ref = x.float() @ w.float().T
+    for tuning in gemv.TUNINGS["linear"]:
+        out = poison_(torch.empty(m, n, dtype=dtype, device="cuda"))
+        gemv.gemv_linear(x, w_in_nan, out=out, tuning=tuning)
+        assert not out.isnan().any()
+        _check(out, ref, F.linear(x, w))
+    # SwiGLU: [Wg; Wu] of 16 rows each (block 16), NaN right after it
+    storage = torch.full((32 + 8, k), float("nan"), dtype=dtype, device="cuda")
+    storage[:32] = w[:32]
+    w_gu = storage[:32]
+    ref = F.silu(x.float() @ w[:16].float().T) * (x.float() @ w[16:32].float().T)
+    out = gemv.gemv_gate_up_silu(x, w_gu, 16)
+    assert not out.isnan().any()
+    _check(out, ref, gemm.gate_up_silu_reference(x, w[:32], 16))

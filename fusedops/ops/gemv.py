@@ -123,7 +123,7 @@ def _launch(kind: str, x, weight, out, n: int, bias=None, residual=None, block: 
 def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
                 tuning: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T (+ bias) -> [M, N]; with residual: residual + round(x W^T + bias)."""
+    """x [M, K] @ weight [N, K]^T (+ bias) -> [M, N]; with residual: round(residual + x W^T + bias)."""
     why = linear_problem(x, weight, bias, residual)
     if why:
         raise ValueError(why)
