@@ -1,0 +1,53 @@
+"""Which fusion moves fusedops' logits error vs the fp32 model? Runs the perf suite's parity check
+(prompt + teacher-forced greedy steps through a StaticCache) for eager bf16, Inductor, fusedops with
+every fusion, and fusedops with one fusion switched off at a time, on one model, in one process.
+
+    python3 perf/ablate_parity.py --preset llama3-8b --layers 8
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fusedops.backend import fusedops_backend
+from fusedops.backend.patterns import ALL_FUSIONS
+from fusedops.perf import measure, models
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="llama3-8b", choices=list(models.PRESETS))
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    model = models.random_model(models.preset_config(args.preset, args.layers), device, args.seed)
+    pool, workload = measure.CachePool(), measure.WORKLOADS["parity"]
+    ref = measure.reference(model, pool, workload, args.seed)
+    pool.clear()
+    models.cast_parameters(model, torch.bfloat16)
+
+    def parity(fn) -> tuple[float, float]:
+        with torch.no_grad():
+            logits, _ = measure.parity_logits(fn, model, pool, ref.prompt, ref.tokens)
+        torch._dynamo.reset()
+        return measure.compare(logits, ref)
+
+    rows = [("eager bf16", parity(model)), ("inductor", parity(torch.compile(model, dynamic=False)))]
+    every = sorted(ALL_FUSIONS)
+    for off in [None] + every:
+        fusions = [f for f in every if f != off]
+        fn = torch.compile(model, backend=fusedops_backend, dynamic=False,
+                           options={"fusions": fusions})
+        rows.append(("fusedops" + (f" without {off}" if off else ""), parity(fn)))
+    print(f"\n{args.preset}, {args.layers} layers, bf16 vs the fp32 model "
+          f"({workload.parity_prompt}-token prompt + {workload.parity_steps} steps)")
+    print("| run | logits rel err | greedy agreement |\n|---|---|---|")
+    for name, (err, agree) in rows:
+        print(f"| {name} | {err:.3e} | {agree:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
