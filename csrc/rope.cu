@@ -40,12 +40,28 @@ constexpr int kRopeThreads = 512;
 
 namespace fusedops {
 
-template <typename T, int VEC>
-__device__ __forceinline__ void rotate_pair(const T* x, T* out, const T* c, const T* s, int64_t o0, int64_t o1,
+// VEC cos/sin values as floats, read in 16-byte pieces: C is q's dtype, or float (the fp32 cos/sin HF
+// computes before casting them to q's dtype; reading them skips that rounding, as Inductor's fusion does).
+template <typename C, int VEC>
+__device__ __forceinline__ void load_floats(const C* p, float (&f)[VEC]) {
+    constexpr int kPiece = VEC < kVec16<C> ? VEC : kVec16<C>;
+#pragma unroll
+    for (int i = 0; i < VEC; i += kPiece) {
+        const Vec<C, kPiece> v = load_vec<C, kPiece>(p + i);
+#pragma unroll
+        for (int j = 0; j < kPiece; ++j) f[i + j] = to_float(v.v[j]);
+    }
+}
+
+template <typename T, typename C, int VEC>
+__device__ __forceinline__ void rotate_pair(const T* x, T* out, const C* c, const C* s, int64_t o0, int64_t o1,
                                             bool interleaved) {
     const Vec<T, VEC> a = load_vec<T, VEC>(x + o0), b = load_vec<T, VEC>(x + o1);
-    const Vec<T, VEC> ca = load_vec<T, VEC>(c + o0), cb = load_vec<T, VEC>(c + o1);
-    const Vec<T, VEC> sa = load_vec<T, VEC>(s + o0), sb = load_vec<T, VEC>(s + o1);
+    float ca[VEC], cb[VEC], sa[VEC], sb[VEC];
+    load_floats<C, VEC>(c + o0, ca);
+    load_floats<C, VEC>(c + o1, cb);
+    load_floats<C, VEC>(s + o0, sa);
+    load_floats<C, VEC>(s + o1, sb);
     Vec<T, VEC> ya, yb;
     if (interleaved) {
         // Pairs sit side by side inside each vector.
@@ -54,30 +70,30 @@ __device__ __forceinline__ void rotate_pair(const T* x, T* out, const T* c, cons
             if constexpr (VEC >= 2) {
                 const float a0 = to_float(a.v[j]), a1 = to_float(a.v[j + 1]);
                 const float b0 = to_float(b.v[j]), b1 = to_float(b.v[j + 1]);
-                ya.v[j] = from_float<T>((a0 * to_float(ca.v[j])) + (-a1 * to_float(sa.v[j])));
-                ya.v[j + 1] = from_float<T>((a1 * to_float(ca.v[j + 1])) + (a0 * to_float(sa.v[j + 1])));
-                yb.v[j] = from_float<T>((b0 * to_float(cb.v[j])) + (-b1 * to_float(sb.v[j])));
-                yb.v[j + 1] = from_float<T>((b1 * to_float(cb.v[j + 1])) + (b0 * to_float(sb.v[j + 1])));
+                ya.v[j] = from_float<T>(a0 * ca[j] - a1 * sa[j]);
+                ya.v[j + 1] = from_float<T>(a1 * ca[j + 1] + a0 * sa[j + 1]);
+                yb.v[j] = from_float<T>(b0 * cb[j] - b1 * sb[j]);
+                yb.v[j + 1] = from_float<T>(b1 * cb[j + 1] + b0 * sb[j + 1]);
             }
         }
         if constexpr (VEC == 1) {  // scalar path: a and b are the pair itself
             const float a0 = to_float(a.v[0]), b0 = to_float(b.v[0]);
-            ya.v[0] = from_float<T>((a0 * to_float(ca.v[0])) + (-b0 * to_float(sa.v[0])));
-            yb.v[0] = from_float<T>((b0 * to_float(cb.v[0])) + (a0 * to_float(sb.v[0])));
+            ya.v[0] = from_float<T>(a0 * ca[0] - b0 * sa[0]);
+            yb.v[0] = from_float<T>(b0 * cb[0] + a0 * sb[0]);
         }
     } else {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             const float a0 = to_float(a.v[j]), b0 = to_float(b.v[j]);
-            ya.v[j] = from_float<T>((a0 * to_float(ca.v[j])) + (-b0 * to_float(sa.v[j])));
-            yb.v[j] = from_float<T>((b0 * to_float(cb.v[j])) + (a0 * to_float(sb.v[j])));
+            ya.v[j] = from_float<T>(a0 * ca[j] - b0 * sa[j]);
+            yb.v[j] = from_float<T>(b0 * cb[j] + a0 * sb[j]);
         }
     }
     store_vec<T, VEC>(out + o0, ya);
     store_vec<T, VEC>(out + o1, yb);
 }
 
-template <typename T, int VEC, bool INTERLEAVED>
+template <typename T, typename C, int VEC, bool INTERLEAVED>
 __device__ __forceinline__ void rope_token(const RopeParams& p) {
     const int64_t token = blockIdx.x, b = token / p.seq, s = token % p.seq;
     const int chunks = static_cast<int>(p.head_dim / (2 * VEC));
@@ -87,8 +103,8 @@ __device__ __forceinline__ void rope_token(const RopeParams& p) {
         s_out = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[s]
                                   : static_cast<const int32_t*>(p.positions)[s];
     const bool write_kv = s_out >= 0 && (!cache_mode || s_out < p.cache_len);
-    const T* c = static_cast<const T*>(p.cos) + b * p.cs_stride[0] + s * p.cs_stride[1];
-    const T* sn = static_cast<const T*>(p.sin) + b * p.cs_stride[0] + s * p.cs_stride[1];
+    const C* c = static_cast<const C*>(p.cos) + b * p.cs_stride[0] + s * p.cs_stride[1];
+    const C* sn = static_cast<const C*>(p.sin) + b * p.cs_stride[0] + s * p.cs_stride[1];
     const int heads = static_cast<int>(p.q_heads + p.kv_heads * (p.v_out != nullptr ? 2 : 1));
     for (int i = threadIdx.x; i < heads * chunks; i += blockDim.x) {
         const int h = i / chunks, chunk = i % chunks;
@@ -97,14 +113,14 @@ __device__ __forceinline__ void rope_token(const RopeParams& p) {
         if (h < p.q_heads) {
             const T* x = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + s * p.q_stride[2];
             T* out = static_cast<T*>(p.q_out) + b * p.q_out_stride[0] + h * p.q_out_stride[1] + s * p.q_out_stride[2];
-            rotate_pair<T, VEC>(x, out, c, sn, o0, o1, INTERLEAVED);
+            rotate_pair<T, C, VEC>(x, out, c, sn, o0, o1, INTERLEAVED);
         } else if (!write_kv) {
             continue;
         } else if (h < p.q_heads + p.kv_heads) {
             const int64_t hk = h - p.q_heads;
             const T* x = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + s * p.k_stride[2];
             T* out = static_cast<T*>(p.k_out) + b * p.k_out_stride[0] + hk * p.k_out_stride[1] + s_out * p.k_out_stride[2];
-            rotate_pair<T, VEC>(x, out, c, sn, o0, o1, INTERLEAVED);
+            rotate_pair<T, C, VEC>(x, out, c, sn, o0, o1, INTERLEAVED);
         } else {
             const int64_t hv = h - p.q_heads - p.kv_heads;
             const T* x = static_cast<const T*>(p.v) + b * p.v_stride[0] + hv * p.v_stride[1] + s * p.v_stride[2];
@@ -117,16 +133,19 @@ __device__ __forceinline__ void rope_token(const RopeParams& p) {
 
 }  // namespace fusedops
 
-#define FUSEDOPS_ROPE_KERNEL(T, NAME, SUFFIX, VEC, INTERLEAVED)                                              \
+#define FUSEDOPS_ROPE_KERNEL(T, C, NAME, SUFFIX, VEC, INTERLEAVED)                                           \
     extern "C" __global__ void __launch_bounds__(kRopeThreads) rope_##NAME##_##SUFFIX(const __grid_constant__ RopeParams p) { \
-        fusedops::rope_token<T, VEC, INTERLEAVED>(p);                                                        \
+        fusedops::rope_token<T, C, VEC, INTERLEAVED>(p);                                                     \
     }
-#define FUSEDOPS_ROPE_VARIANTS(T, NAME)                          \
-    FUSEDOPS_ROPE_KERNEL(T, NAME, half_v, fusedops::kVec16<T>, false) \
-    FUSEDOPS_ROPE_KERNEL(T, NAME, inter_v, fusedops::kVec16<T>, true) \
-    FUSEDOPS_ROPE_KERNEL(T, NAME, half_s, 1, false)              \
-    FUSEDOPS_ROPE_KERNEL(T, NAME, inter_s, 1, true)
+// NAME: q/k dtype, and _c32 where cos/sin are fp32
+#define FUSEDOPS_ROPE_VARIANTS(T, C, NAME)                          \
+    FUSEDOPS_ROPE_KERNEL(T, C, NAME, half_v, fusedops::kVec16<T>, false) \
+    FUSEDOPS_ROPE_KERNEL(T, C, NAME, inter_v, fusedops::kVec16<T>, true) \
+    FUSEDOPS_ROPE_KERNEL(T, C, NAME, half_s, 1, false)              \
+    FUSEDOPS_ROPE_KERNEL(T, C, NAME, inter_s, 1, true)
 
-FUSEDOPS_ROPE_VARIANTS(__nv_bfloat16, bf16)
-FUSEDOPS_ROPE_VARIANTS(__half, fp16)
-FUSEDOPS_ROPE_VARIANTS(float, fp32)
+FUSEDOPS_ROPE_VARIANTS(__nv_bfloat16, __nv_bfloat16, bf16)
+FUSEDOPS_ROPE_VARIANTS(__half, __half, fp16)
+FUSEDOPS_ROPE_VARIANTS(float, float, fp32)
+FUSEDOPS_ROPE_VARIANTS(__nv_bfloat16, float, bf16_c32)
+FUSEDOPS_ROPE_VARIANTS(__half, float, fp16_c32)

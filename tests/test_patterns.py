@@ -101,6 +101,21 @@ def test_rope_matches_q_and_k_together():
     same_function_rounded_once((qo, ko), apply_rope, q, k, cos, sin)
 
 
+def test_rope_reads_hf_fp32_cos_sin_before_their_cast():
+    """HF's rotary embedding returns cos.to(x.dtype): the op gets the fp32 cos/sin (one rounding fewer)."""
+    def layer(q, k, cos32, sin32):
+        return apply_rope(q, k, cos32.to(q.dtype), sin32.to(q.dtype))
+    q, k = randn(2, 8, 5, 64), randn(2, 2, 5, 64, seed=1)
+    angles = torch.rand(1, 5, 64, generator=torch.Generator().manual_seed(2)) * 6.28
+    cos32, sin32 = angles.cos(), angles.sin()
+    (qo, ko), report = rewritten(layer, q, k, cos32, sin32)
+    assert report.matches["rope"] == 1 and report.ops_before["to"] == 2 and report.ops_after["to"] == 0
+    exact = apply_rope(q.double(), k.double(), cos32.double(), sin32.double())
+    for out, ref, eager in zip((qo, ko), exact, layer(q, k, cos32, sin32)):
+        assert rel_err(out, ref) < rel_err(eager, ref)
+        assert torch.equal(out, ref.float().bfloat16()) or rel_err(out, ref) < 3e-3
+
+
 def test_rope_near_misses():
     q, k, cos, sin = randn(1, 4, 5, 64), randn(1, 4, 5, 64), randn(1, 5, 64), randn(1, 5, 64)
     _, report = rewritten(apply_rope, q, k, cos.float(), sin.float())

@@ -61,6 +61,17 @@ def test_bad_shapes_name_the_argument(shapes, arg):
         torch.ops.fusedops.rope(q, k, c, c)
 
 
+def test_cos_sin_in_fp32_or_q_dtype_only():
+    q, k = torch.randn(1, 4, 3, 16).bfloat16(), torch.randn(1, 2, 3, 16).bfloat16()
+    c32 = torch.randn(1, 3, 16)
+    qo, _ = torch.ops.fusedops.rope(q, k, c32, c32)   # HF's fp32 cos/sin before their cast: accepted
+    assert qo.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="^cos:"):
+        torch.ops.fusedops.rope(q, k, c32.half(), c32.half())
+    with pytest.raises(ValueError, match="^sin:"):
+        torch.ops.fusedops.rope(q, k, c32, c32.bfloat16())
+
+
 def test_bad_cache_position_dtype():
     q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
     c, kc = torch.randn(1, 3, 16), torch.zeros(1, 2, 8, 16)
@@ -90,7 +101,7 @@ def random_case(rng):
     hkv = rng.choice([1, 2, 4, 8])
     return dict(dtype=rng.choice(DTYPES), b=rng.choice([1, 1, 2, 3]), s=rng.choice([1, 2, 7, rng.randint(1, 200)]),
                 hq=hkv * rng.choice([1, 2, 4]), hkv=hkv, d=d, interleaved=rng.random() < 0.3,
-                transposed=rng.random() < 0.7, cos_batch=rng.random() < 0.3)
+                transposed=rng.random() < 0.7, cos_batch=rng.random() < 0.3, cos_fp32=rng.random() < 0.4)
 
 
 def cos_sin(b, s, d, dtype, g, per_batch):
@@ -100,6 +111,7 @@ def cos_sin(b, s, d, dtype, g, per_batch):
 
 def check(out, x, cos, sin, interleaved, dtype, what):
     ref = exact(x, cos, sin, interleaved)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)   # PyTorch's baseline: HF's cos/sin in the model dtype
     torch_out = x * cos.unsqueeze(1) + rope.rotate(x, interleaved) * sin.unsqueeze(1)
     err, torch_err = rel_err(out, ref), rel_err(torch_out, ref)
     assert err <= max(2 * torch_err, 1e-6) and err <= MAX_ERR[dtype], (what, err, torch_err)
@@ -108,7 +120,7 @@ def check(out, x, cos, sin, interleaved, dtype, what):
 def run_rope(c, seed):
     g = torch.Generator().manual_seed(seed)
     q, k, _ = hf_qkv(c["b"], c["s"], c["hq"], c["hkv"], c["d"], c["dtype"], g, c["transposed"])
-    cos, sin = cos_sin(c["b"], c["s"], c["d"], c["dtype"], g, c["cos_batch"])
+    cos, sin = cos_sin(c["b"], c["s"], c["d"], torch.float32 if c["cos_fp32"] else c["dtype"], g, c["cos_batch"])
     qo, ko = poison_(torch.empty(q.shape, dtype=q.dtype, device="cuda")), poison_(
         torch.empty(k.shape, dtype=k.dtype, device="cuda"))
     rope._launch(q, k, None, cos, sin, qo, ko, None, None, c["interleaved"])
@@ -120,7 +132,7 @@ def run_cache_write(c, seed, cache_len=300, pos_dtype=torch.int64):
     g = torch.Generator().manual_seed(seed)
     b, s, hkv, d = c["b"], c["s"], c["hkv"], c["d"]
     q, k, v = hf_qkv(b, s, c["hq"], hkv, d, c["dtype"], g, c["transposed"])
-    cos, sin = cos_sin(b, s, d, c["dtype"], g, c["cos_batch"])
+    cos, sin = cos_sin(b, s, d, torch.float32 if c["cos_fp32"] else c["dtype"], g, c["cos_batch"])
     start = random.Random(seed).randint(0, cache_len - s)
     pos = torch.arange(start, start + s, dtype=pos_dtype, device="cuda")
     kc = poison_(torch.empty(b, hkv, cache_len, d, dtype=c["dtype"], device="cuda"))
@@ -183,8 +195,8 @@ def test_opcheck_cuda():
 @pytest.mark.gpu
 def test_sanitizer_small_cases():
     for dtype in DTYPES:
-        for d, interleaved in ((64, False), (64, True), (6, False), (6, True)):
+        for d, interleaved, cos_fp32 in ((64, False, False), (64, True, True), (6, False, True), (6, True, False)):
             c = dict(dtype=dtype, b=2, s=3, hq=4, hkv=2, d=d, interleaved=interleaved, transposed=True,
-                     cos_batch=True)
+                     cos_batch=True, cos_fp32=cos_fp32)
             run_rope(c, 0)
             run_cache_write(c, 0, cache_len=8)

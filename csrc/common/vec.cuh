@@ -15,8 +15,6 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Round a float through T and back: reproduces PyTorch's `.to(dtype)` between fp32 steps.
-
 // N elements of T held as one aligned chunk; N * sizeof(T) is 16 bytes for the vector path.
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {

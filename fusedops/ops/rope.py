@@ -4,7 +4,9 @@ also writing the rotated k and v into a static KV cache at cache_position), csrc
 Non-contiguous q / k / v (HF's `view(B, S, H, D).transpose(1, 2)`) are read through their strides;
 outputs are contiguous [B, H, S, D]. A non-unit last stride is copied first. The caches must have a
 unit last stride (they are written in place). In the kernel, cache_position is read on the device
-(CUDA-graph safe); positions outside [0, L) are skipped, where index_copy_ would raise."""
+(CUDA-graph safe); positions outside [0, L) are skipped, where index_copy_ would raise.
+cos/sin are in q's dtype or fp32 (HF's values before their cast, which the backend passes: one rounding
+fewer); the arithmetic is fp32, rounded once to q's dtype."""
 from __future__ import annotations
 
 import ctypes
@@ -51,8 +53,11 @@ def rope_reference(q, k, cos, sin, interleaved=False):
 
 def _validate(q, k, cos, sin):
     check_dtype("q", q)
-    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
-        check_same_dtype(name, t, "q", q)
+    check_same_dtype("k", k, "q", q)
+    check_same_dtype("sin", sin, "cos", cos)
+    if cos.dtype not in (q.dtype, torch.float32):
+        raise ValueError(f"cos: dtype {cos.dtype} must be q's ({q.dtype}) or torch.float32 (HF's cos/sin "
+                         f"before their cast: read as is, they skip one rounding)")
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q, k: expected [B, H, S, D], got {tuple(q.shape)} and {tuple(k.shape)}")
     b, _, s, d = q.shape
@@ -147,7 +152,8 @@ def _launch(q, k, v, cos, sin, q_out, k_out, v_out, positions, interleaved: bool
         _I64x3(*(v_out.stride()[:3] if v_out is not None else none3)),
         (ctypes.c_int64 * 2)(0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1)),
         int(positions is not None and positions.dtype == torch.int64))
-    name = f"rope_{DTYPE_SUFFIX[q.dtype]}_{'inter' if interleaved else 'half'}_{'v' if vector_ok else 's'}"
+    cs = "_c32" if cos.dtype != q.dtype else ""
+    name = f"rope_{DTYPE_SUFFIX[q.dtype]}{cs}_{'inter' if interleaved else 'half'}_{'v' if vector_ok else 's'}"
     kernel(SOURCE, name, RopeParams, q.device).launch((b * s,), (threads,), params)
 
 

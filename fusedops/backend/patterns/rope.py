@@ -14,7 +14,7 @@ import torch
 
 from ...ops._launch import FLOAT_DTYPES
 from .base import Context
-from .nodes import arg, binary_operands, dtype, kind, last_dim, only_user, same, shape, val
+from .nodes import arg, binary_operands, dtype, is_cast, kind, last_dim, only_user, same, shape, val
 
 OPS = torch.ops.fusedops
 
@@ -85,6 +85,17 @@ def match_rope(add) -> Optional[RopeMatch]:
     return None
 
 
+def _cos_sin(q: RopeMatch) -> tuple[Any, Any]:
+    """HF computes cos/sin in fp32 and casts them to q's dtype; the kernel reads the fp32 sources
+    instead (one rounding fewer, as Inductor's fused RoPE does)."""
+    def source(node):
+        if is_cast(node) and dtype(node) in (torch.bfloat16, torch.float16) and dtype(node.args[0]) == torch.float32:
+            return node.args[0]
+        return None
+    cos, sin = source(q.cos), source(q.sin)
+    return (cos, sin) if cos is not None and sin is not None else (q.cos, q.sin)
+
+
 def _problem(q: RopeMatch, k: RopeMatch) -> Optional[str]:
     dt = dtype(q.x)
     if dt not in FLOAT_DTYPES:
@@ -146,7 +157,7 @@ class RopePattern:
         if any(ctx.order(u) < ctx.order(before) for u in earlier.users):
             ctx.report.near_miss("rope", earlier, "rotated q (or k) is used before the other is rotated")
             return
-        fused = ctx.call(OPS.rope.default, (q.x, k.x, q.cos, q.sin), before, like=(val(q.out), val(k.out)))
+        fused = ctx.call(OPS.rope.default, (q.x, k.x, *_cos_sin(q)), before, like=(val(q.out), val(k.out)))
         ctx.replace(q.out, ctx.getitem(fused, 0, q.out), q.nodes)
         ctx.replace(k.out, ctx.getitem(fused, 1, k.out), k.nodes)
         ctx.report.matched("rope", f"{q.out.name}, {k.out.name}")
@@ -174,7 +185,7 @@ class RopePattern:
                                                               "cache write, or rotated q is used before it")
             return False
         fused = ctx.call(OPS.rope_cache_write.default,
-                         (q.x, k.x, v, q.cos, q.sin, k_cache, v_cache, pos), anchor, like=val(q.out))
+                         (q.x, k.x, v, *_cos_sin(q), k_cache, v_cache, pos), anchor, like=val(q.out))
         ctx.replace(q.out, fused, q.nodes)
         ctx.graph.erase_node(k_write)
         ctx.graph.erase_node(v_write)
