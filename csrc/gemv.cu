@@ -9,6 +9,7 @@
 // of x token g: the A and B fragments then agree on a permuted k, and no shuffle or shared-memory staging
 // is needed. A CTA owns one 16-output slice; its warps split K and add their fragments through shared
 // memory at the end, where the epilogue (bias, residual, or SwiGLU) runs once per output.
+#include "attention/mma_sm80.cuh"
 #include "common/vec.cuh"
 
 struct GemvParams {
@@ -46,26 +47,6 @@ struct Traits {
     static_assert(sizeof(T) == 2, "mma.sync path is for 16-bit inputs");
 };
 
-template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint32_t b0, uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    }
-};
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint32_t b0, uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    }
-};
-
 // Every load of a step must be in flight before its first mma. Left alone, the compiler interleaved loads
 // and mmas to save registers and kept only 2-5 loads in flight a thread (SASS of run 1: 8 warps x 4 loads
 // reached 74 % of copy on qkv, fewer loads 87 %). So loads and mmas are volatile asm (NVVM keeps their
@@ -90,8 +71,9 @@ __device__ __forceinline__ uint4 load_x(const void* ptr) {
 // mma of one 16-row W tile (lane's rows g, g+8: lo, hi) with one 8-token x tile, over the 8 k of one load.
 template <typename T>
 __device__ __forceinline__ void mma_8k(float (&acc)[4], const uint4& lo, const uint4& hi, const uint4& xv) {
-    Mma<T>::run(acc, lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
-    Mma<T>::run(acc, lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
+    const uint32_t a_lo[4] = {lo.x, hi.x, lo.y, hi.y}, a_hi[4] = {lo.z, hi.z, lo.w, hi.w};
+    attn::MmaOp<T>::run(acc, a_lo, xv.x, xv.y);
+    attn::MmaOp<T>::run(acc, a_hi, xv.z, xv.w);
 }
 
 template <class Tr>

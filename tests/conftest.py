@@ -57,3 +57,11 @@ def random_with_outliers(shape, dtype, device, gen=None, scale=1.0):
         idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 1000),), generator=gen)
         flat[idx] *= 30.0
     return x.to(dtype=dtype, device=device)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Tests that compile the same HF forwards again start from an empty Dynamo cache (recompile limit)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

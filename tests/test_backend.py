@@ -10,11 +10,15 @@ import torch
 
 import fusedops
 import fusedops.backend as backend
+from conftest import rel_err
 from fusedops.backend.options import MAX_GRAPH_TOKENS, parse_options
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 97
+
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def llama_config(layers=2):
@@ -31,18 +35,6 @@ def small_model(config):
 
 def prompt(batch=1, length=7):
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every test compiles the same HF forwards: start each from an empty Dynamo cache (recompile limit)."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture
@@ -154,7 +146,7 @@ def test_compile_model_matches_eager(family, calls):
     with torch.no_grad():
         want = model(ids).logits
         got = torch.compile(model, backend="fusedops")(ids).logits
-    assert rel(got, want) <= 1e-4
+    assert rel_err(got, want) <= 1e-4
     assert sum(r.matches["rms_norm"] + r.matches.get("add_rms_norm", 0) for r in calls["reports"]) > 0
 
 
@@ -166,7 +158,7 @@ def test_compile_forward_attribute_and_from_pretrained(tmp_path, calls):
         want = model(ids).logits
         model.forward = torch.compile(model.forward, backend="fusedops")
         got = model(ids).logits
-    assert rel(got, want) <= 1e-4 and calls["reports"]
+    assert rel_err(got, want) <= 1e-4 and calls["reports"]
 
 
 def static_generate(model, ids, **kwargs):
@@ -207,7 +199,7 @@ def test_gpt2_compiles_and_matches_eager(calls):
     with torch.no_grad():
         want = model(ids).logits
         got = torch.compile(model, backend="fusedops")(ids).logits
-    assert rel(got, want) <= 1e-5
+    assert rel_err(got, want) <= 1e-5
     # no Llama pattern (RMSNorm, RoPE, SwiGLU) in GPT-2; its SDPA may still become fusedops::attention
     assert calls["reports"] and not any(r.matches["rms_norm"] or r.matches["rope"] or r.matches["gate_up_silu"]
                                         for r in calls["reports"])

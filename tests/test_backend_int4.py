@@ -7,6 +7,7 @@ import torch
 
 import fusedops  # noqa: F401  (registers the ops and the backend)
 import fusedops.backend as backend
+from conftest import rel_err
 from fusedops import quant
 from fusedops.backend import int4
 from fusedops.backend.options import parse_options
@@ -14,6 +15,9 @@ from fusedops.backend.options import parse_options
 transformers = pytest.importorskip("transformers")
 
 LAYERS, VOCAB = 2, 97
+
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def model():
@@ -35,17 +39,6 @@ def dequantized_copy(m, lm_head):
 
 def ids():
     return torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def compiled_logits(m, options, monkeypatch=None):
@@ -83,10 +76,10 @@ def test_counts_and_parity(lm_head):
     torch._dynamo.reset()
     d = dequantized_copy(m, lm_head)
     same, _ = compiled_logits(d, {})
-    assert rel(logits, same) < 1e-6
+    assert rel_err(logits, same) < 1e-6
     with torch.no_grad():
         eager = d(ids()).logits
-    assert rel(logits, eager) < 2e-2
+    assert rel_err(logits, eager) < 2e-2
 
 
 def test_quantized_once_and_shared(monkeypatch):
@@ -149,7 +142,7 @@ def test_cuda_matches_fused_bf16_on_dequantized_weights(tokens):
         torch._dynamo.reset()
         d = dequantized_copy(m, False)
         same = torch.compile(d, backend="fusedops")(x).logits
-    assert torch.isfinite(logits).all() and rel(logits, same) < 3e-2, rel(logits, same)
+    assert torch.isfinite(logits).all() and rel_err(logits, same) < 3e-2, rel_err(logits, same)
 
 
 def test_int4_keeps_gate_up_plain_so_it_aliases(monkeypatch):

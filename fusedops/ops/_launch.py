@@ -2,6 +2,8 @@
 mapping from a torch dtype to the kernel-name suffix used in csrc/."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..runtime import registry
@@ -46,3 +48,14 @@ def rows_view(name: str, x: torch.Tensor) -> torch.Tensor:
 
 def kernel(source, function: str, params_type: type, device: torch.device):
     return registry.get_kernel(source, function, params_type, device)
+
+
+def rows16_problem(name: str, t: torch.Tensor) -> Optional[str]:
+    """Why t cannot be read as [rows, K] in 16-byte pieces (unit last stride, 16-byte aligned rows of a
+    16-bit dtype; K itself is checked by the caller), or None."""
+    if t.dim() != 2 or t.stride(-1) != 1:
+        return f"{name}: expected a 2-D tensor with unit last stride, got shape {tuple(t.shape)} strides {t.stride()}"
+    if t.data_ptr() % 16 or (t.shape[0] > 1 and t.stride(0) % 8):
+        return (f"{name}: rows must start on 16-byte boundaries (pointer {t.data_ptr():#x}, "
+                f"row stride {t.stride(0)} elements)")
+    return None

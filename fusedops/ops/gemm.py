@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..gemm_codegen import VARIANTS, Variant
 from ..runtime import compiler, register_source
 from . import gemv
-from ._launch import check_cuda, check_dtype, check_same_dtype, rows_view
+from ._launch import check_cuda, check_dtype, check_same_dtype, rows16_problem, rows_view
 
 CUTLASS_ARCH = "sm_90a"
 SOURCES = {v.name: register_source(v.name, str(v.path), uses_cutlass=True, shared_library=True,
@@ -167,12 +167,7 @@ def _operand_problem(name: str, t: torch.Tensor) -> Optional[str]:
     """Why t cannot be a CUTLASS operand (TMA reads 16-byte aligned rows of bf16), or None."""
     if t.dtype != torch.bfloat16:
         return f"{name}: dtype {t.dtype} is not supported by the CUTLASS GEMMs (bf16 only)"
-    if t.dim() != 2 or t.stride(-1) != 1:
-        return f"{name}: expected a 2-D tensor with unit last stride, got shape {tuple(t.shape)} strides {t.stride()}"
-    if t.data_ptr() % 16 or (t.shape[0] > 1 and t.stride(0) % 8):
-        return (f"{name}: rows must start on 16-byte boundaries (pointer {t.data_ptr():#x}, "
-                f"row stride {t.stride(0)} elements)")
-    return None
+    return rows16_problem(name, t)
 
 
 def _check_operand(name: str, t: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..runtime import register_source
-from ._launch import DTYPE_SUFFIX, check_cuda, kernel
+from ._launch import DTYPE_SUFFIX, check_cuda, kernel, rows16_problem
 
 SOURCE = register_source("gemv", "gemv.cu")
 
@@ -46,16 +46,6 @@ def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[in
     return f"gemv_{kind}_{DTYPE_SUFFIX[dtype]}_m{8 if m <= 8 else 16}_w{warps}_u{unroll}"
 
 
-def _rows_problem(name: str, t: torch.Tensor) -> Optional[str]:
-    """Why t cannot be streamed with 16-byte loads as [rows, K] (K already checked to be a multiple of 8)."""
-    if t.dim() != 2 or t.stride(-1) != 1:
-        return f"{name}: expected a 2-D tensor with unit last stride, got shape {tuple(t.shape)} strides {t.stride()}"
-    if t.data_ptr() % 16 or (t.shape[0] > 1 and t.stride(0) % 8):
-        return (f"{name}: rows must start on 16-byte boundaries (pointer {t.data_ptr():#x}, "
-                f"row stride {t.stride(0)} elements)")
-    return None
-
-
 def problem(x: torch.Tensor, weight: torch.Tensor, weight_name: str = "weight") -> Optional[str]:
     """Why x [M, K] @ weight [N, K]^T cannot run on the GEMV kernels, or None."""
     if x.dtype not in DTYPES:
@@ -71,7 +61,7 @@ def problem(x: torch.Tensor, weight: torch.Tensor, weight_name: str = "weight") 
         return f"x: K = {k} must be a positive multiple of 8 (16-byte loads)"
     if max(weight.shape[0], k) >= 1 << 31:
         return f"{weight_name}: shape {tuple(weight.shape)} exceeds 32-bit sizes"
-    return _rows_problem("x", x) or _rows_problem(weight_name, weight)
+    return rows16_problem("x", x) or rows16_problem(weight_name, weight)
 
 
 def _epilogue_problem(n: int, m: int, x: torch.Tensor, bias: Optional[torch.Tensor],
