@@ -176,6 +176,10 @@ def _weight_map(index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: not an index json with a weight_map ({e!r})") from None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: weight_map is not an object")
+    folder = index.parent.resolve()
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or (folder / file).resolve().parent != folder:
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {file!r}, not a file name in {folder}")
     return weight_map
 
 
@@ -449,7 +453,8 @@ def load_safetensors(model_or_path, device="cuda", *, checkpoint: str | Path | N
     {name: tensor on device}. Given an nn.Module: loads `checkpoint` into its parameters and persistent
     buffers by state_dict name (a checkpoint saved from the model's base or its task head also matches,
     through HF's base_model_prefix), casting to each tensor's dtype; tied weights load once; tensors not
-    on `device` (a model built on the meta device, say) are replaced by new ones there. Everything is
+    on `device` (a model built on the meta device, say) are replaced by new ones there; non-persistent
+    buffers left on the meta device (RoPE's inv_freq: in no checkpoint) count as missing. Everything is
     validated before the first byte is copied: on an error nothing in the model changes. Missing or
     unexpected tensors raise unless strict=False; returns IncompatibleKeys. On CUDA the copies run on a
     side stream that the caller's current stream waits for. The staging path (zero_copy=False) copies
@@ -510,6 +515,10 @@ def _load_into_model(model: torch.nn.Module, checkpoint, device: torch.device, s
             loaded.add(id(t))
             picked.append((e, t))
     missing = [k for k, t in targets.items() if id(t) not in loaded]
+    # Non-persistent buffers (RoPE's inv_freq) are never in a checkpoint: left on the meta device they make
+    # the model unusable, so they count as missing (strict raises; strict=False names them).
+    persistent = {id(t) for t in targets.values()}
+    missing += [n for n, b in model.named_buffers() if b.is_meta and id(b) not in persistent]
     if strict and (missing or unexpected):
         raise CheckpointError(f"{checkpoint}: model tensors not in the checkpoint: {_listing(missing)}; "
                               f"checkpoint tensors not in the model: {_listing(unexpected)} "

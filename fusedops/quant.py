@@ -67,7 +67,7 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"qweight: expected a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
     shifts = torch.tensor([4 * n for n in _NIBBLE_OF], dtype=torch.int32, device=qweight.device)
     q = (qweight.unsqueeze(-1) >> shifts) & 0xF                 # arithmetic shift: the mask drops the sign
-    return q.reshape(qweight.shape[0], -1).to(torch.uint8)
+    return q.reshape(qweight.shape[0], qweight.shape[1] * PACK).to(torch.uint8)
 
 
 def quantize(weight: torch.Tensor, group: int = GROUP, symmetric: bool = False) -> QuantizedWeight:

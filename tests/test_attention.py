@@ -90,7 +90,8 @@ def test_mask_blocks_reference_matches_brute_force(shape):
     assert torch.equal(F.attention_mask_blocks(mask[0, 0]), naive_mask_blocks(mask[:1, :1]))  # 2-D mask
 
 
-def test_mask_blocks_do_not_change_the_reference_result():
+def test_mask_blocks_are_accepted_and_ignored_by_the_cpu_reference():
+    """Only validation here (the CPU op never reads the map); the GPU sweep checks the kernel's use of it."""
     q, k, v = _qkv(torch.float32)
     mask = torch.rand(1, 1, 3, 5) > 0.4
     with_map = F.attention(q, k, v, mask, None, False, None, F.attention_mask_blocks(mask))
@@ -108,6 +109,9 @@ def _qkv(dtype=torch.bfloat16, d=64):
     (lambda q, k, v: (q, k[:, :1].expand(1, 3, 5, 64), v[:, :1].expand(1, 3, 5, 64), None, None, False, None), "k"),
     (lambda q, k, v: (q, k, v, torch.ones(1, 1, 3, 5), None, False, None), "attn_mask"),
     (lambda q, k, v: (q, k, v, torch.ones(2, 1, 3, 4, dtype=torch.bool), None, False, None), "attn_mask"),
+    # a mask that would enlarge the result (batch 2 for B = 1; a 5th dim) is an error, not a broadcast
+    (lambda q, k, v: (q, k, v, torch.ones(2, 1, 3, 5, dtype=torch.bool), None, False, None), "attn_mask"),
+    (lambda q, k, v: (q, k, v, torch.ones(1, 1, 1, 3, 5, dtype=torch.bool), None, False, None), "attn_mask"),
     (lambda q, k, v: (q, k, v, None, None, False, torch.tensor([2.0])), "kv_len"),
     (lambda q, k, v: (q, k, v, None, -1.0, False, None), "scale"),
     (lambda q, k, v: (q[0], k, v, None, None, False, None), "q, k, v"),

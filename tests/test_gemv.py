@@ -86,6 +86,7 @@ def test_gemm_ops_send_only_decode_sizes_the_gemv_can_take():
     assert gemv.linear_problem(torch.randn(17, 64).bfloat16(), w)            # M too large: ROUTES decide
     assert gemv.linear_problem(x.float(), w.float())                         # fp32: cuBLAS
     assert gemv.gate_up_problem(x, w, 8)                                     # block not a multiple of 16
+    assert "N = 0" in gemv.linear_problem(x, w[:0])                          # nothing to launch: cuBLAS
     assert all(v == gemv.MAX_M for v in gemm.GEMV_MAX_M.values())
 
 

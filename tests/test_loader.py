@@ -93,6 +93,14 @@ def test_index_naming_a_tensor_its_file_lacks(tmp_path):
         load_safetensors(tmp_path, device="cpu")
 
 
+@pytest.mark.parametrize("target", [5, "../a.safetensors", "/tmp/a.safetensors", "sub/a.safetensors"])
+def test_index_may_only_name_files_beside_it(tmp_path, target):
+    save_file({"x": torch.ones(2)}, tmp_path / "a.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": target}}))
+    with pytest.raises(CheckpointError, match=r"tensor 'x' maps to .*not a file name in"):
+        load_safetensors(tmp_path, device="cpu")
+
+
 def test_plan_chunks_covers_every_byte_once():
     g = torch.Generator().manual_seed(1)
     spans, pos = [], [0, 0]
@@ -263,7 +271,12 @@ def test_meta_model_gets_real_tied_tensors(tmp_path):
     source = tiny_llama(0)
     source.save_pretrained(tmp_path)
     model = tiny_llama(1, device="meta")
-    load_safetensors(model, device="cpu", checkpoint=tmp_path)
+    # RoPE's non-persistent inv_freq is in no checkpoint: on meta it counts as missing
+    with pytest.raises(CheckpointError, match=r"model tensors not in the checkpoint: 2 \(model.rotary_emb"):
+        load_safetensors(model, device="cpu", checkpoint=tmp_path)
+    assert all(v.is_meta for v in model.state_dict().values())          # nothing half-loaded
+    missing, _ = load_safetensors(model, device="cpu", checkpoint=tmp_path, strict=False)
+    assert missing == ["model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"]
     expected = source.state_dict()
     assert all(v.device.type == "cpu" and torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -392,6 +405,6 @@ def test_cuda_model_in_place_cast_and_moved(tmp_path, dtype, zero_copy):
     state = on_gpu.state_dict()
     assert all(v.data_ptr() == ptrs[k] and torch.equal(v.cpu(), expected[k]) for k, v in state.items())
     on_meta = tiny_llama(1, dtype=dtype, device="meta")
-    load_safetensors(on_meta, checkpoint=tmp_path, zero_copy=zero_copy)
+    load_safetensors(on_meta, checkpoint=tmp_path, zero_copy=zero_copy, strict=False)   # inv_freq: no checkpoint
     assert all(v.is_cuda and torch.equal(v.cpu(), expected[k]) for k, v in on_meta.state_dict().items())
     assert on_meta.lm_head.weight is on_meta.model.embed_tokens.weight

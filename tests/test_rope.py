@@ -70,6 +70,8 @@ def test_cos_sin_in_fp32_or_q_dtype_only():
         torch.ops.fusedops.rope(q, k, c32.half(), c32.half())
     with pytest.raises(ValueError, match="^sin:"):
         torch.ops.fusedops.rope(q, k, c32, c32.bfloat16())
+    with pytest.raises(ValueError, match="^sin:"):   # the kernel walks sin with cos's batch stride
+        torch.ops.fusedops.rope(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), c32, c32.expand(2, -1, -1))
 
 
 def test_bad_cache_position_dtype():

@@ -59,3 +59,9 @@ def rows16_problem(name: str, t: torch.Tensor) -> Optional[str]:
         return (f"{name}: rows must start on 16-byte boundaries (pointer {t.data_ptr():#x}, "
                 f"row stride {t.stride(0)} elements)")
     return None
+
+
+def broadcasts_to(shape, target) -> bool:
+    """shape expands to exactly target (no more dims, every dim 1 or equal): a mask that would enlarge
+    the result is an error, not a broadcast."""
+    return len(shape) <= len(target) and all(a in (1, t) for a, t in zip(reversed(shape), reversed(target)))

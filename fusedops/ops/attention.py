@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..runtime import register_source
-from ._launch import DTYPE_SUFFIX, check_cuda, check_dtype, check_same_dtype, kernel
+from ._launch import DTYPE_SUFFIX, broadcasts_to, check_cuda, check_dtype, check_same_dtype, kernel
 
 
 class PrefillTile(NamedTuple):
@@ -222,11 +222,9 @@ def _validate(q, k, v, attn_mask, scale, is_causal, kv_len, mask_blocks=None):
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool:
             raise ValueError(f"attn_mask: only boolean masks are supported, got {attn_mask.dtype}")
-        try:
-            torch.broadcast_shapes(attn_mask.shape, (b, hq, s, k.shape[2]))
-        except RuntimeError as exc:
+        if not broadcasts_to(attn_mask.shape, (b, hq, s, k.shape[2])):
             raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"{(b, hq, s, k.shape[2])}") from exc
+                             f"{(b, hq, s, k.shape[2])}")
     if kv_len is not None and (kv_len.dim() != 1 or kv_len.shape[0] not in (1, b)
                                or kv_len.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"kv_len: expected int32/int64 [B] or [1], got {kv_len.dtype} {tuple(kv_len.shape)}")

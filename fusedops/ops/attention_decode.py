@@ -16,7 +16,7 @@ import torch
 
 from ..runtime import register_source
 from ..runtime.driver import check
-from ._launch import DTYPE_SUFFIX, aligned16, kernel
+from ._launch import DTYPE_SUFFIX, aligned16, broadcasts_to, kernel
 
 SOURCE = register_source("attention_decode", "attention_decode.cu")
 
@@ -94,9 +94,7 @@ def unsupported_reason(q, k, v, attn_mask=None, kv_len=None) -> Optional[str]:
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool:
             return f"attn_mask: only boolean masks are supported, got {attn_mask.dtype}"
-        try:
-            torch.broadcast_shapes(attn_mask.shape, (b, hq, s, k.shape[2]))
-        except RuntimeError:
+        if not broadcasts_to(attn_mask.shape, (b, hq, s, k.shape[2])):
             return f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to {(b, hq, s, k.shape[2])}"
     if kv_len is not None and (kv_len.dim() != 1 or kv_len.shape[0] not in (1, b)
                                or kv_len.dtype not in (torch.int32, torch.int64)):

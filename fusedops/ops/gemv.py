@@ -1,7 +1,7 @@
 """Skinny GEMM for decode token counts (M <= 16), csrc/gemv.cu: the weight-streaming kernels behind the
 GEMM ops' small-M routes (fusedops/ops/gemm.py GEMV_MAX_M).
 
-    gemv_linear(x, weight, bias=None, residual=None)  x @ W^T (+ bias) (+ residual, HF's rounding)
+    gemv_linear(x, weight, bias=None, residual=None)  x @ W^T (+ bias) (+ residual), fp32, rounded once
     gemv_gate_up_silu(x, w_gate_up, block)            silu(x Wg^T) * (x Wu^T), prepare_gate_up layout
 
 Both take 2-D x [M, K] (rows may be strided) and bf16 or fp16; K a multiple of 8, 16-byte aligned rows.
@@ -59,6 +59,8 @@ def problem(x: torch.Tensor, weight: torch.Tensor, weight_name: str = "weight") 
         return f"x: {m} rows; the GEMV takes 1 to {MAX_M}"
     if k % 8 or k == 0:
         return f"x: K = {k} must be a positive multiple of 8 (16-byte loads)"
+    if weight.shape[0] == 0:
+        return f"{weight_name}: N = 0 (nothing to launch)"
     if max(weight.shape[0], k) >= 1 << 31:
         return f"{weight_name}: shape {tuple(weight.shape)} exceeds 32-bit sizes"
     return rows16_problem("x", x) or rows16_problem(weight_name, weight)

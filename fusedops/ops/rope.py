@@ -55,6 +55,8 @@ def _validate(q, k, cos, sin):
     check_dtype("q", q)
     check_same_dtype("k", k, "q", q)
     check_same_dtype("sin", sin, "cos", cos)
+    if sin.shape != cos.shape:   # the kernel walks both with cos's batch stride
+        raise ValueError(f"sin: shape {tuple(sin.shape)} differs from cos's {tuple(cos.shape)}")
     if cos.dtype not in (q.dtype, torch.float32):
         raise ValueError(f"cos: dtype {cos.dtype} must be q's ({q.dtype}) or torch.float32 (HF's cos/sin "
                          f"before their cast: read as is, they skip one rounding)")
