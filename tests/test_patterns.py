@@ -269,6 +269,22 @@ def two_layers_with_hf_mask(q, k, v):
     return sdpa_with_repeat(h, k, v, mask)
 
 
+def two_layers_mask_changed_through_a_view(q, k, v):
+    s, kv_len = q.shape[2], k.shape[2]
+    mask = torch.arange(kv_len)[None, None, None, :] <= torch.arange(s)[None, None, :, None] + 2
+    h = sdpa_with_repeat(q, k, v, mask)
+    mask[..., :4].fill_(False)   # in place through a view: the first layer's block map is stale now
+    return sdpa_with_repeat(h, k, v, mask)
+
+
+def test_a_mask_written_through_a_view_gets_a_fresh_block_map():
+    _, k, v, _ = _attention_inputs()
+    q = randn(2, 8, 12, 64, dtype=torch.float32, seed=3)
+    out, report = rewritten(two_layers_mask_changed_through_a_view, q, k, v)
+    assert report.matches["attention"] == 2 and report.ops_after["fusedops.attention_mask_blocks"] == 2
+    assert rel_err(out, two_layers_mask_changed_through_a_view(q.double(), k.double(), v.double())) <= 1e-5
+
+
 @pytest.mark.parametrize("s, maps", [(12, 1), (1, 0)])  # S <= 8 runs the decode kernel: no map
 def test_one_block_map_per_mask_and_none_for_decode(s, maps):
     _, k, v, _ = _attention_inputs()

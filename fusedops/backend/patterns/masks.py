@@ -104,9 +104,15 @@ def bool_mask(ctx: Context, mask, use) -> Optional[Any]:
     return source
 
 
-def _mutated(node) -> bool:
-    return any(user.target is operator.setitem or (isinstance(user.target, str) and user.target.endswith("_"))
-               for user in node.users if user.args and user.args[0] is node)
+def _mutated(node, depth: int = 0) -> bool:
+    """An in-place write to node or to a view of it (mask[..., :n].fill_(...)) anywhere in the graph."""
+    for user in node.users:
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+        if user.args and user.args[0] is node and (user.target is operator.setitem or name.endswith("_")):
+            return True
+        if kind(user) in _VIEW_KINDS and user.args and user.args[0] is node and depth < 16 and _mutated(user, depth + 1):
+            return True
+    return False
 
 
 def mask_blocks(ctx: Context, mask, use):
