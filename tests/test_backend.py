@@ -106,6 +106,10 @@ def test_bad_option_surfaces_through_torch_compile():
 
 
 def test_unknown_fusion_is_refused():
+    with pytest.raises(ValueError, match=r"^options\['fusions'\]: unknown \['no_such_fusion'\]"):
+        parse_options(options={"fusions": ["no_such_fusion"]})
+    with pytest.raises(ValueError, match=r"^options\['fusions'\]"):
+        parse_options(options={"fusions": 5})
     f = torch.compile(lambda x: x + 1, backend="fusedops", options={"fusions": ["no_such_fusion"]})
     with pytest.raises(Exception, match="no_such_fusion"):
         f(torch.ones(3))
@@ -234,6 +238,24 @@ def test_fallback_inductor_runs_the_rest():
     x, w = torch.randn(4, 32), torch.randn(32)
     got = torch.compile(f, backend="fusedops", options={"fallback": "inductor"})(x, w)
     torch.testing.assert_close(got, f(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_inductor_on_a_hf_model():
+    """Inductor compiles against the parameters Dynamo recorded: the rewrite must not re-point them
+    (aliasing q/k/v into the stacked weight moved their storage offset and failed Inductor's guards)."""
+    model = small_model(llama_config(layers=1))
+    x = prompt()
+    with torch.no_grad():
+        expected = model(x).logits
+        got = torch.compile(model, backend="fusedops", options={"fallback": "inductor"})(x).logits
+    assert rel_err(got, expected) <= 1e-4
+
+
+def test_float64_projections_are_left_as_pytorch_runs_them():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).double()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(model, backend="fusedops")(x), model(x))
 
 
 def test_log_prints_report_and_run_stage(capfd, monkeypatch):

@@ -1,6 +1,7 @@
 """fusedops/backend/int4.py: options={"weights": "int4"} on a tiny HF Llama (CPU): exact op counts,
 parity with the fused bf16 path and with eager on dequantized weights, the cache, the options."""
 import copy
+import gc
 
 import pytest
 import torch
@@ -88,9 +89,11 @@ def test_quantized_once_and_shared(monkeypatch):
     monkeypatch.setattr(backend, "apply_int4", lambda gm, *a: (graphs.append(gm), apply(gm, *a)))
     m = model()
     compiled_logits(m, {"weights": "int4"})
+    gc.collect()   # earlier tests' sources die in cycles: their entries leave the store only at collection
     n = len(int4.STORE)
     torch._dynamo.reset()
     _, reports = compiled_logits(m, {"weights": "int4"})
+    gc.collect()
     assert len(int4.STORE) == n
     assert all("(cached)" in r for r in reports[0].replacements if r.startswith("int4"))
     # the rewritten graph holds int4 buffers only, no bf16 prepared weight it swapped out
@@ -146,10 +149,32 @@ def test_cuda_matches_fused_bf16_on_dequantized_weights(tokens):
 
 
 def test_int4_keeps_gate_up_plain_so_it_aliases(monkeypatch):
-    """No GEMM reads an interleaved [Wg; Wu] when the int4 pass re-packs it: block = I, 0 B extra."""
-    seen = []
-    rewrite = backend.rewrite_graph
-    monkeypatch.setattr(backend, "rewrite_graph", lambda gm, ex, o: (seen.append(o), rewrite(gm, ex, o))[1])
+    """No GEMM reads an interleaved [Wg; Wu] when the int4 pass re-packs it: block = I, 0 B extra, even
+    where the bf16 path would interleave (the CUDA CUTLASS route, forced here)."""
+    from fusedops.backend.patterns import mlp
+    monkeypatch.setattr(mlp, "_default_block", lambda x, inter: 128)
+    _, reports = compiled_logits(model(), {})
+    assert any("block=128" in r for r in reports[0].replacements)          # bf16: interleaved, copied
+    torch._dynamo.reset()
     _, reports = compiled_logits(model(), {"weights": "int4"})
-    assert seen and all(o.plain_gate_up for o in seen)
+    assert any("gate_up_silu" in r and "block=256" in r for r in reports[0].replacements)
     assert any("gate_up" in w and "aliased" in w for w in reports[0].weights)
+
+
+def test_biased_projections_stay_in_the_model_dtype_and_say_so():
+    cfg = transformers.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                   max_position_embeddings=128)
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval().to(torch.bfloat16)
+    _, reports = compiled_logits(m, {"weights": "int4"})
+    misses = [n for n in reports[0].near_misses if n.pattern == "int4"]
+    assert len(misses) == LAYERS and all("has a bias" in n.reason for n in misses)   # q/k/v of each layer
+    assert reports[0].ops_after["fusedops.linear"] == LAYERS + 1                     # + lm_head in bf16
+
+
+def test_log_shows_what_int4_replaced(capfd, monkeypatch):
+    monkeypatch.setenv("FUSEDOPS_LOG", "1")
+    compiled_logits(model(), {"weights": "int4"})
+    err = capfd.readouterr().err
+    assert err.count("replaced  int4: ") == 4 * LAYERS and "projections on int4 weights" in err

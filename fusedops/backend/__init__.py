@@ -52,7 +52,10 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, opts: BackendOptions
     """Rewrite one Dynamo graph and wrap it for running; returns (callable, report)."""
     start = time.perf_counter()
     name = _graph_name()
+    # Inductor compiles the rewritten graph against the parameters Dynamo recorded: aliasing would move
+    # q/k/v's storage under it (a new storage offset fails its guards), so that fallback copies instead.
     rewrite_opts = RewriteOptions(dry_run=opts.dry_run, plain_gate_up=opts.weights == "int4",
+                                  weight_mode="copy" if opts.fallback == "inductor" else "alias",
                                   **({} if opts.fusions is None else {"fusions": opts.fusions}))
     result = rewrite_graph(gm, example_inputs, rewrite_opts)
     report = result.report
@@ -77,8 +80,11 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, opts: BackendOptions
     report.notes.append(f"rest of the graph: {opts.fallback}")
     report.notes.append(f"{name} compiled in {(time.perf_counter() - start) * 1e3:.1f} ms")
     if opts.log and (log_enabled() or opts.dry_run):
-        for note in report.notes:  # rewrite_graph printed the rest already
-            _log(note)
+        # rewrite_graph printed its part already; the int4 pass ran after it
+        for line in ([f"replaced  {r}" for r in report.replacements if r.startswith("int4:")]
+                     + [f"near-miss int4 at {m.node}: {m.reason}" for m in report.near_misses if m.pattern == "int4"]
+                     + report.notes):
+            _log(line)
     elif opts.log:
         print(report.format(), file=sys.stderr)
     return fn, report

@@ -12,7 +12,9 @@ step's bytes at bf16. Weights are quantized once per source tensor (keyed like w
 _version, shape, dtype, device, group) in a process-wide store whose entries die with their source, so
 every graph of a model (prefill, each decode size, recompiles) shares one int4 copy. The bf16 sources
 are left as they are: the user's model still uses them; the rewritten graph no longer holds the bf16
-tensors it swapped out.
+tensors it swapped out. The int4 weights are a snapshot taken at compile time: new values written into
+the model afterwards (load_state_dict, load_safetensors) reach the int4 graphs only after
+`torch._dynamo.reset()` and a recompile (the bf16 path reads the parameters themselves).
 """
 from __future__ import annotations
 
@@ -129,19 +131,24 @@ class Int4Pass:
     def run(self) -> None:
         plain = [n for n in self.graph.nodes if n.op == "call_function" and (
             kind(n) == "linear" or (n.target is OPS.linear.default and n.meta.get(PLAIN_LINEAR)))]
-        lm_head = plain[-1] if self.lm_head and plain else None
+        lm_head = plain[-1] if plain else None   # the graph's last plain projection
         for node in list(self.graph.nodes):
-            if node.op != "call_function" or (node in plain and node is not lm_head):
-                continue
+            if node.op != "call_function" or kind(node) == "linear" and node is not lm_head:
+                continue   # an F.linear no fusion took (fusions subset): left as traced
             if node is lm_head:
+                if not self.lm_head:
+                    continue
                 x, w, bias = node.args[:3] if node.target is OPS.linear.default else linear_parts(node)
                 if bias is None:
                     self._swap(node, OPS.linear_w4.default, x, w, "lm_head", quant.quantize)
                 else:
                     self.report.near_miss("int4", node, "lm_head has a bias")
-            elif node.target is OPS.linear.default and (len(node.args) < 3 or node.args[2] is None):
+            elif node.target is OPS.linear.default:
                 x, w = node.args[:2]
-                self._swap(node, OPS.linear_w4.default, x, w, "linear", quant.quantize)
+                if len(node.args) < 3 or node.args[2] is None:
+                    self._swap(node, OPS.linear_w4.default, x, w, "linear", quant.quantize)
+                else:   # Qwen2's q/k/v: left in the model dtype, said so
+                    self.report.near_miss("int4", node, "the projection has a bias (linear_w4 takes none)")
             elif node.target is OPS.linear_residual.default:
                 x, w, residual = node.args
                 self._swap(node, OPS.linear_residual_w4.default, x, w, "linear_residual", quant.quantize,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .patterns import ALL_FUSIONS
+
 # Calls with more tokens run without a graph. Not 512: without a graph every fused op costs 50-200 µs of
 # Python on the H100 host, and a 2048-token prefill of a Llama-3-8B-shape model (8 layers) ran at eager
 # speed, 17.8 ms vs 4.6 ms at 512 tokens in a graph (H100, 2026-11-25, perf/RESULTS.md). Prefill graphs
@@ -66,8 +68,11 @@ def _positive_int(key: str, value, minimum: int = 1) -> int:
 def _fusions(value) -> frozenset[str] | None:
     if value is None or value == "all":
         return None
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+    if isinstance(value, str) or not hasattr(value, "__iter__") or not all(isinstance(v, str) for v in value):
         raise ValueError(f"options['fusions']: expected 'all' or a list of fusion names, got {value!r}")
+    unknown = sorted(set(value) - ALL_FUSIONS)
+    if unknown:
+        raise ValueError(f"options['fusions']: unknown {unknown}; known: {sorted(ALL_FUSIONS)}")
     return frozenset(value)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from ...ops._launch import FLOAT_DTYPES
 from ..weights import STORE
 from .base import Context
 from .nodes import arg, binary_operands, dtype, kind, only_user, same, shape, val
@@ -30,6 +31,8 @@ def linear_parts(node) -> Optional[tuple[Any, Any, Any]]:
 
 def weight_problem(ctx: Context, x, weight, bias=None) -> Optional[str]:
     """Why this projection cannot use a prepared/stacked weight (None if it can)."""
+    if dtype(x) not in FLOAT_DTYPES:
+        return f"dtype {dtype(x)} has no fusedops kernel"
     if weight.op != "placeholder" or val(weight) is None or len(shape(weight)) != 2:
         return f"weight {weight.name} is not a 2-D parameter input"
     if dtype(weight) != dtype(x):
