@@ -226,12 +226,7 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
     const FragmentOffsets<Tr> v_frag((lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
 
     float o[kMTiles][kDTiles][4];
-#pragma unroll
-    for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-        for (int di = 0; di < kDTiles; ++di)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) o[mi][di][e] = 0.f;
+    zero_fragments(o);
     OnlineSoftmax<kMTiles, kNTiles, kDTiles> softmax;
 
     if (n_block >= 0) {
@@ -256,12 +251,7 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
         __syncthreads();
 
         float s[kMTiles][kNTiles][4];
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < kNTiles; ++ni)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[mi][ni][e] = 0.f;
+        zero_fragments(s);
         gemm_qk<Tr>(s, sq, sk(stage), q_frag, k_frag);
 
         // Only tiles whose cells also hold a masked key read the mask.

@@ -151,11 +151,8 @@ __device__ __forceinline__ void gemv_cta(const GemvParams& p) {
         const int token = g + 8 * t;
         cta.token_ok[t] = token < p.m;
         cta.x[t] = static_cast<const T*>(p.x) + (cta.token_ok[t] ? token : 0) * p.x_row_stride + 8 * quad;
-#pragma unroll
-        for (int j = 0; j < Tr::kRowTiles; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) cta.acc[j][t][c] = 0.f;
     }
+    attn::zero_fragments(cta.acc);
 
     // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
     const int64_t full_steps = p.k / Tr::kStepK;

@@ -66,6 +66,17 @@ template <> struct MmaOp<__half> {
     }
 };
 
+// Zero an [A][B] grid of mma accumulator fragments (4 fp32 a lane each).
+template <int A, int B>
+__device__ __forceinline__ void zero_fragments(float (&acc)[A][B][4]) {
+#pragma unroll
+    for (int a = 0; a < A; ++a)
+#pragma unroll
+        for (int b = 0; b < B; ++b)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+}
+
 // Two fp32 values -> one register of two 16-bit elements (low half = first), as mma's A operand wants.
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
