@@ -27,7 +27,7 @@ def tiny():
 
 def _run(spec, tiny, gate=None, speed=False):
     model, pool, ref = tiny
-    return measure.run_backend(spec, model, pool, ref, TINY_WORKLOAD, gate, models.describe(model),
+    return measure.run_backend(spec, model, pool, [ref], TINY_WORKLOAD, gate, models.describe(model),
                                dict(copy_gbs=100.0, gemm_tflops=1.0), lambda msg: None, 3, speed=speed)
 
 
@@ -129,6 +129,25 @@ def test_eager_bf16_parity_and_cpu_speed_path(tiny):
         assert d["roofline_pct"] == pytest.approx(100 * ideal_ms / d["step_ms"])
         assert d["tok_s"] == pytest.approx(d["batch"] * 1e3 / d["step_ms"])
         assert d["p50_ms"] <= d["p99_ms"]
+
+
+def test_parity_is_the_mean_over_prompts_each_judged_on_its_own_reference(tiny):
+    """Two prompts: per-prompt errors equal single-prompt runs, the reported error is their mean."""
+    model, pool, ref = tiny
+    with torch.no_grad():
+        model.float()
+        other = measure.reference(model, pool, TINY_WORKLOAD, seed=4)
+        models.cast_parameters(model, torch.bfloat16)
+    assert not torch.equal(other.prompt, ref.prompt)
+    eager = backends.BACKENDS["eager"]
+    args = (TINY_WORKLOAD, None, models.describe(model), dict(copy_gbs=100.0, gemm_tflops=1.0),
+            lambda msg: None, 3)
+    both = measure.run_backend(eager, model, pool, [ref, other], *args, speed=False)
+    singles = [measure.run_backend(eager, model, pool, [r], *args, speed=False) for r in (ref, other)]
+    assert both.rel_errs == [s.rel_err for s in singles]
+    assert both.rel_err == pytest.approx(sum(both.rel_errs) / 2)
+    assert both.agreement == pytest.approx((singles[0].agreement + singles[1].agreement) / 2)
+    assert "err per prompt" in report.summary_rows([both])[0]
 
 
 def _spec_with(fn_factory, name="broken"):

@@ -8,6 +8,7 @@ Liger-Kernel and fusedops on a Llama-family model — parity vs fp32 first, then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import subprocess
 import sys
@@ -37,6 +38,8 @@ def parse_args(argv):
     p.add_argument("--parity-only", action="store_true",
                    help="only the parity check vs fp32 (logits error, greedy agreement, cold compile): "
                         "for checking more model families and depths in little GPU time")
+    p.add_argument("--parity-prompts", type=int, metavar="N",
+                   help="parity prompts (errors averaged; default: the workload's, 4 with --parity-only)")
     p.add_argument("--budget-s", type=float, help="skip backends that would start after this many seconds "
                                                   "(the report is rewritten after each backend)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
@@ -66,7 +69,7 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
-def header(args, name, facts, device, ceil, workload_name) -> dict:
+def header(args, name, facts, device, ceil, workload_name, workload) -> dict:
     import transformers
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
@@ -76,7 +79,10 @@ def header(args, name, facts, device, ceil, workload_name) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": dev, "software": f"torch {torch.__version__}, transformers {transformers.__version__}",
             "commit": commit, "command": "python -m fusedops.perf " + " ".join(sys.argv[1:]),
-            "workload": workload_name}
+            "workload": workload_name,
+            "parity": (f"{workload.parity_prompts} random {workload.parity_prompt}-token prompt(s) + "
+                       f"{workload.parity_steps} teacher-forced greedy steps each; errors are means over "
+                       "the prompts")}
     if ceil:
         info["ceilings (this run)"] = (f"copy {ceil['copy_gbs'] / 1e3:.2f} TB/s, bf16 GEMM 8192³ "
                                        f"{ceil['gemm_tflops']:.0f} TFLOP/s")
@@ -100,6 +106,10 @@ def main(argv=None) -> int:
     workload_name = ("cpu" if device.type == "cpu" else "parity" if args.parity_only
                      else "quick" if args.quick else "full")
     workload = measure.WORKLOADS[workload_name]
+    if args.parity_prompts is not None:
+        if args.parity_prompts < 1:
+            raise SystemExit(f"--parity-prompts: must be >= 1, got {args.parity_prompts}")
+        workload = dataclasses.replace(workload, parity_prompts=args.parity_prompts)
     names = args.backends or DEFAULT_BACKENDS[workload_name]
     names = ["eager"] + [n for n in names if n != "eager"]
 
@@ -109,14 +119,15 @@ def main(argv=None) -> int:
     if ceil:
         progress(f"ceilings: copy {ceil['copy_gbs']:.0f} GB/s, bf16 GEMM {ceil['gemm_tflops']:.0f} TFLOP/s")
     pool = measure.CachePool()
-    progress(f"fp32 reference: {workload.parity_prompt}-token prompt + {workload.parity_steps} greedy steps")
-    ref = measure.reference(model, pool, workload, args.seed)
+    progress(f"fp32 reference: {workload.parity_prompts} x {workload.parity_prompt}-token prompt + "
+             f"{workload.parity_steps} greedy steps")
+    refs = measure.references(model, pool, workload, args.seed)
     pool.clear()
     models.cast_parameters(model, DTYPES[args.dtype])
 
     speed_note = ("--parity-only: no speed measured." if args.parity_only else None if device.type == "cuda" else
                   "No CUDA GPU here: parity was checked through the CPU reference path; speed numbers need a GPU.")
-    info = header(args, name, facts, device, ceil, workload_name)
+    info = header(args, name, facts, device, ceil, workload_name, workload)
     stem = args.out / f"e2e_{name}_{facts['layers']}L_{workload_name}"
     results, lost = [], None
     for n in names:
@@ -126,7 +137,7 @@ def main(argv=None) -> int:
             results.append(measure.BackendResult(n, "skipped", f"time budget of {args.budget_s:g} s spent"))
         else:
             gate = measure.parity_gate(results[0] if results else None)
-            results.append(measure.run_backend(BACKENDS[n], model, pool, ref, workload, gate, facts, ceil,
+            results.append(measure.run_backend(BACKENDS[n], model, pool, refs, workload, gate, facts, ceil,
                                                progress, args.seed,
                                                speed=device.type == "cuda" and not args.parity_only))
             fault = measure.cuda_context_lost(device) if results[-1].status == "error" else None

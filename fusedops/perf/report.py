@@ -34,6 +34,7 @@ def _table(title: str, rows: list[dict]) -> str:
 def summary_rows(results: list[BackendResult]) -> list[dict]:
     return [{"backend": r.name, "status": r.status,
              "logits err vs fp32": "–" if r.rel_err is None else f"{r.rel_err:.2e}",
+             "err per prompt": ", ".join(f"{e:.2e}" for e in r.rel_errs) or "–",
              "greedy agree": "–" if r.agreement is None else f"{r.agreement:.0%}",
              "compile s (prefill, cold)": _num(r.cold_prefill_s), "compile s (decode, cold)": _num(r.cold_decode_s),
              "compile s (decode, warm)": _num(r.warm_decode_s), "peak GiB": _num(r.peak_gib, 2),
