@@ -3,10 +3,14 @@
 Every file is memory-mapped and its header parsed and validated here (8-byte little-endian length, JSON,
 then per tensor dtype / shape / data_offsets), all files before any byte is copied, so a bad checkpoint
 raises `CheckpointError` naming the file and the tensor and leaves a model untouched. On CUDA the bytes go
-through pinned staging buffers: a worker thread copies chunk i+1 from the mapping into one buffer while
-the side stream's host-to-device copy of chunk i reads another; an event per buffer tells the worker when
-it may refill it, and the caller's stream waits for the side stream at the end. On the CPU the same chunk
-plan copies straight from the mapping, so CI exercises everything but the pinned buffers and streams.
+through pinned staging buffers: worker threads fill chunk i+1 into one buffer while the side stream's
+host-to-device copy of chunk i reads another; an event per buffer tells the workers when they may refill
+it, and the caller's stream waits for the side stream at the end. Two ways to fill a buffer (`fill`):
+"read" splits the chunk over `copy_threads` threads, each an os.preadv of its slice straight from the file
+into the buffer (the kernel copies from the page cache, no page faults; the GIL is released in the call);
+"mmap" memcpys the chunk out of the memory-mapped file (torch's copy_, parallel inside, faulting the
+mapping's pages in as it goes). On the CPU, "read" runs the same pipeline with plain buffers and no
+streams (so CI covers it) and "mmap" copies straight from the mapping into the tensors.
 
 Zero-copy (zero_copy=True): no staging buffer and no host memcpy. The mapped file range itself is page-locked
 read-only (cuMemHostRegister with CU_MEMHOSTREGISTER_READ_ONLY), one page-aligned window at a time on a worker
@@ -38,9 +42,14 @@ import torch
 # x 2-4 buffers (28.7-34.1 GB/s, one run each; perf/notes/loader.md): more or larger buffers bought nothing.
 STAGING_BYTES = 64 << 20
 STAGING_BUFFERS = 2
-# Host memcpy threads of the staging path (each fills its own buffer), page-locking threads of the zero-copy path.
+# fill="mmap" memcpy threads (each fills its own buffer), page-locking threads of the zero-copy path.
 # 1: 64 MiB x 4 with 2 threads loaded 4.10 GB at 32.7 GB/s vs 32.1 with 1 (noise), 16 MiB x 8 with 4 at 25.5.
 COPY_THREADS = 1
+# fill="read": threads reading slices of one chunk at a time (not yet measured on the H100).
+READ_THREADS = 8
+# How staging buffers are filled: "read" (os.preadv) or "mmap" (memcpy from the mapping).
+FILL = "mmap"
+FILLS = ("read", "mmap")
 # Staging by default: warm, zero-copy loaded at 14.9-20.9 GB/s vs staging's 32.1 (H100, 2026-11-25): page-locking
 # runs at 29.7 GB/s and does not overlap the DMA (pin + copy times add up). Cold (disk-bound) it won, 1.7 vs 1.2 GB/s.
 ZERO_COPY = False
@@ -341,17 +350,23 @@ def _bind_context(context) -> None:
 
 
 def _copy(jobs: list[_Job], device: torch.device, chunk_bytes: int, in_flight: int, threads: int,
-          zero_copy: bool) -> None:
+          zero_copy: bool, fill: str) -> None:
     files = sorted({j.entry.file for j in jobs})
     index = {f: i for i, f in enumerate(files)}
     spans = [(index[j.entry.file], j.entry.start, j.entry.end) for j in jobs]
     with torch.no_grad(), ExitStack() as stack:
-        maps = [_FileMap(f) for f in files]
-        for m in maps:
-            stack.callback(m.close)
+        maps = []
+        if zero_copy or fill == "mmap":
+            for f in files:
+                maps.append(_FileMap(f))
+                stack.callback(maps[-1].close)
+        source = stack.enter_context(_ReadSource(files)) if fill == "read" else _MappedSource(maps)
         if device.type != "cuda":
-            for c in plan_chunks(spans, chunk_bytes):
-                _apply(c, maps[c.file].data[c.start:c.start + c.nbytes], jobs, non_blocking=False)
+            if fill == "mmap":
+                for c in plan_chunks(spans, chunk_bytes):
+                    _apply(c, maps[c.file].data[c.start:c.start + c.nbytes], jobs, non_blocking=False)
+            else:
+                _copy_staged(plan_chunks(spans, chunk_bytes), source, files, jobs, in_flight, threads, None)
             return
         caller = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -364,7 +379,7 @@ def _copy(jobs: list[_Job], device: torch.device, chunk_bytes: int, in_flight: i
                 rest = [c for w in windows[done:] for c in w.chunks]
             else:
                 rest = plan_chunks(spans, chunk_bytes)
-            _copy_staged(rest, maps, jobs, in_flight, threads, side)
+            _copy_staged(rest, source, files, jobs, in_flight, threads, side)
         caller.wait_stream(side)
 
 
@@ -415,30 +430,115 @@ def _copy_pinned(windows: list[Window], maps: list[_FileMap], files: list[Path],
     return done
 
 
-def _copy_staged(chunks: list[Chunk], maps: list[_FileMap], jobs: list[_Job], buffers: int, threads: int,
-                 side: torch.cuda.Stream) -> None:
-    """Host memcpy of chunk i + 1 (worker threads) into one pinned buffer while the side stream's H2D copy of
-    chunk i reads another; an event per buffer gates its refill."""
+class _MappedSource:
+    """fill="mmap": a chunk is one memcpy out of the mapped file (torch's copy_ spreads it over its own
+    intra-op threads), so each worker thread fills a whole chunk."""
+
+    def __init__(self, maps: list[_FileMap]):
+        self.maps = maps
+
+    def parts(self, nbytes: int, threads: int) -> list[tuple[int, int]]:
+        return [(0, nbytes)]
+
+    def read(self, chunk: Chunk, lo: int, hi: int, buffer: torch.Tensor) -> None:
+        buffer[lo:hi].copy_(self.maps[chunk.file].data[chunk.start + lo:chunk.start + hi])
+
+
+class _ShortRead(Exception):
+    """The file ended (args: the file offset) before the bytes its header promised."""
+
+
+class _ReadSource:
+    """fill="read": os.preadv from the files straight into the buffer, one slice of the chunk per thread.
+    The kernel copies out of the page cache; no mapping, so no page faults or page-table work here."""
+
+    def __init__(self, files: list[Path]):
+        self.fds: list[int] = []
+        try:
+            for f in files:
+                self.fds.append(os.open(f, os.O_RDONLY))
+        except OSError:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def parts(self, nbytes: int, threads: int) -> list[tuple[int, int]]:
+        return split_range(nbytes, threads)
+
+    def read(self, chunk: Chunk, lo: int, hi: int, buffer: torch.Tensor) -> None:
+        fd, base = self.fds[chunk.file], buffer.data_ptr()
+        while lo < hi:  # preadv may return fewer bytes than asked (at most 2 GiB - 4 KiB per call on Linux)
+            got = os.preadv(fd, [(ctypes.c_char * (hi - lo)).from_address(base + lo)], chunk.start + lo)
+            if got == 0:
+                raise _ShortRead(chunk.start + lo)
+            lo += got
+
+
+def split_range(nbytes: int, parts: int, page: int = _PAGE) -> list[tuple[int, int]]:
+    """[0, nbytes) cut into at most `parts` consecutive slices of near-equal size; slices longer than a page
+    are rounded up to whole pages, so each one's destination starts at a page offset of the buffer."""
+    step = max(1, -(-nbytes // parts))
+    if step > page:
+        step = -(-step // page) * page
+    return [(lo, min(lo + step, nbytes)) for lo in range(0, nbytes, step)]
+
+
+def _copy_staged(chunks: list[Chunk], source, files: list[Path], jobs: list[_Job], buffers: int, threads: int,
+                 side: torch.cuda.Stream | None) -> None:
+    """Worker threads fill chunk i + 1 into one staging buffer (pinned on CUDA) while the side stream's H2D
+    copy of chunk i reads another; an event per buffer gates its refill. Without a side stream (CPU) the
+    buffers are plain memory and each chunk's copies finish before its buffer is handed out again."""
     if not chunks:
         return
     size = max(c.nbytes for c in chunks)
-    staging = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(min(buffers, len(chunks)))]
-    reusable = [torch.cuda.Event() for _ in staging]  # recorded after each H2D copy out of that buffer
+    staging = [torch.empty(size, dtype=torch.uint8, pin_memory=side is not None)
+               for _ in range(min(buffers, len(chunks)))]
+    reusable = [torch.cuda.Event() for _ in staging] if side is not None else []  # recorded after each H2D
 
-    def fill(i: int) -> None:
+    def fill(i: int, lo: int, hi: int) -> None:
         c, k = chunks[i], i % len(staging)
-        reusable[k].synchronize()
-        staging[k][:c.nbytes].copy_(maps[c.file].data[c.start:c.start + c.nbytes])
+        if reusable:
+            reusable[k].synchronize()
+        try:
+            source.read(c, lo, hi, staging[k])
+        except _ShortRead as e:
+            raise CheckpointError(_short_read_message(files[c.file], e.args[0], c, jobs)) from None
 
     with ThreadPoolExecutor(threads, thread_name_prefix="fusedops-load") as reader:
-        filled = deque(reader.submit(fill, i) for i in range(len(staging)))
-        for i, c in enumerate(chunks):
-            filled.popleft().result()
-            k = i % len(staging)
-            _apply(c, staging[k], jobs, non_blocking=True)
-            reusable[k].record(side)
-            if i + len(staging) < len(chunks):
-                filled.append(reader.submit(fill, i + len(staging)))
+        def submit(i: int) -> list[Future]:
+            return [reader.submit(fill, i, lo, hi) for lo, hi in source.parts(chunks[i].nbytes, threads)]
+
+        filled = deque(submit(i) for i in range(len(staging)))
+        try:
+            for i, c in enumerate(chunks):
+                for part in filled.popleft():
+                    part.result()
+                k = i % len(staging)
+                _apply(c, staging[k], jobs, non_blocking=side is not None)
+                if reusable:
+                    reusable[k].record(side)
+                if i + len(staging) < len(chunks):
+                    filled.append(submit(i + len(staging)))
+        except BaseException:
+            reader.shutdown(cancel_futures=True)  # fail fast: no further reads once one has failed
+            raise
+
+
+def _short_read_message(file: Path, offset: int, chunk: Chunk, jobs: list[_Job]) -> str:
+    piece = next(p for p in chunk.pieces if chunk.start + p.chunk_offset + p.nbytes > offset)
+    entry = jobs[piece.job].entry
+    return (f"{file}: tensor {entry.name!r}: short read, no bytes at offset {offset}, inside the tensor's data "
+            f"[{entry.start}, {entry.end}): the file shrank after its header was read")
 
 
 # ---- public entry point ----
@@ -446,7 +546,7 @@ def _copy_staged(chunks: list[Chunk], maps: list[_FileMap], jobs: list[_Job], bu
 def load_safetensors(model_or_path, device="cuda", *, checkpoint: str | Path | None = None,
                      strict: bool = True, staging_bytes: int = STAGING_BYTES,
                      staging_buffers: int = STAGING_BUFFERS, zero_copy: bool = ZERO_COPY,
-                     copy_threads: int = COPY_THREADS):
+                     copy_threads: int | None = None, fill: str = FILL):
     """Load safetensors weights onto `device` ("cuda[:i]" or "cpu").
 
     Given a path (a .safetensors file, or a directory with an index json or *.safetensors files): returns
@@ -458,18 +558,24 @@ def load_safetensors(model_or_path, device="cuda", *, checkpoint: str | Path | N
     validated before the first byte is copied: on an error nothing in the model changes. Missing or
     unexpected tensors raise unless strict=False; returns IncompatibleKeys. On CUDA the copies run on a
     side stream that the caller's current stream waits for. The staging path (zero_copy=False) copies
-    through `staging_buffers` pinned buffers of `staging_bytes`, filled by `copy_threads` threads, and
-    returns without a host sync; zero_copy=True page-locks windows of `staging_bytes` of the mapped files
-    (`staging_buffers` pinned ahead, `copy_threads` pinning threads) and returns once its DMAs are done.
+    through `staging_buffers` pinned buffers of `staging_bytes`, filled by `copy_threads` threads (default
+    READ_THREADS for fill="read", COPY_THREADS for "mmap") with os.preadv (fill="read") or a memcpy from
+    the mapped file (fill="mmap"), and returns without a host sync; zero_copy=True page-locks windows of
+    `staging_bytes` of the mapped files (`staging_buffers` pinned ahead, `copy_threads` pinning threads),
+    stages whatever the driver refuses to pin, and returns once its DMAs are done.
     """
     device = _check_device(device)
     if staging_bytes < 1:
         raise ValueError(f"staging_bytes: must be >= 1, got {staging_bytes}")
     if staging_buffers < 2:
         raise ValueError(f"staging_buffers: must be >= 2 (one fills while another copies), got {staging_buffers}")
+    if fill not in FILLS:
+        raise ValueError(f"fill: expected one of {FILLS}, got {fill!r}")
+    if copy_threads is None:
+        copy_threads = READ_THREADS if fill == "read" else COPY_THREADS
     if copy_threads < 1:
         raise ValueError(f"copy_threads: must be >= 1, got {copy_threads}")
-    how = (staging_bytes, staging_buffers, copy_threads, zero_copy)
+    how = (staging_bytes, staging_buffers, copy_threads, zero_copy, fill)
     if isinstance(model_or_path, torch.nn.Module):
         if checkpoint is None:
             raise ValueError("checkpoint: a model needs the checkpoint (file or directory) to load from")

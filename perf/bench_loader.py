@@ -1,11 +1,14 @@
 """Safetensors loading onto the GPU: fusedops.load_safetensors vs safetensors.torch.load_file(device="cuda"),
 both against the pinned host-to-device bandwidth measured in the same run, on a multi-GB bf16 checkpoint
 (Llama-3-8B-shaped tensors) this script writes itself. The files were just written, so the warm rows read
-from the page cache (RAM); the cold rows first evict one file with posix_fadvise(DONTNEED). Two paths: staging
-(mmap -> pinned buffer memcpy on worker threads -> H2D) and zero-copy (the mapped page-cache pages themselves
-page-locked read-only, window by window, and DMA'd from); a zero-copy row that fell back to staging says so.
+from the page cache (RAM); the cold rows first evict one file with posix_fadvise(DONTNEED). Paths: staging
+filled by os.preadv threads (fill="read": file -> pinned buffer -> H2D) or by a memcpy from the mapped file
+(fill="mmap"), and zero-copy (the mapped page-cache pages themselves page-locked read-only, window by window,
+and DMA'd from); a zero-copy row that fell back to staging says so. Host ceilings in the same run: the mmap
+memcpy from a fresh and from a pre-populated mapping, and the preadv read into pinned memory per thread count.
 Run: PYTHONPATH=.:perf python3 perf/bench_loader.py [--gb 6] [--files 4] [--dir /tmp/fusedops_ckpt]"""
 import argparse
+import ctypes
 import logging
 import os
 import shutil
@@ -19,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from common import table
 from fusedops import load_safetensors
-from fusedops.loader import RegistrationError, _FileMap, _pin, _unpin
+from fusedops.loader import Chunk, RegistrationError, _FileMap, _libc, _pin, _ReadSource, _unpin, split_range
 
 EMBED = (128256, 4096)
 LAYER = {"self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (1024, 4096),
@@ -28,17 +31,21 @@ LAYER = {"self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (10
          "mlp.down_proj.weight": (4096, 14336), "input_layernorm.weight": (4096,),
          "post_attention_layernorm.weight": (4096,)}
 MiB = 1 << 20
-# (label, load_safetensors keyword arguments); the first row is the round-1 default (staging 64 MiB x 2).
+# (label, load_safetensors keyword arguments); the first row is the round-1/2 default (mmap memcpy, 64 MiB x 2).
 SWEEP = (
-    ("staging 64 MiB x 2, 1 thread", dict(zero_copy=False, staging_bytes=64 * MiB, staging_buffers=2, copy_threads=1)),
-    ("staging 64 MiB x 4, 2 threads", dict(zero_copy=False, staging_bytes=64 * MiB, staging_buffers=4, copy_threads=2)),
-    ("staging 16 MiB x 8, 4 threads", dict(zero_copy=False, staging_bytes=16 * MiB, staging_buffers=8, copy_threads=4)),
-    ("zero-copy 16 MiB, 2 ahead, 1 thread", dict(zero_copy=True, staging_bytes=16 * MiB, staging_buffers=2, copy_threads=1)),
-    ("zero-copy 64 MiB, 2 ahead, 2 threads", dict(zero_copy=True, staging_bytes=64 * MiB, staging_buffers=2, copy_threads=2)),
-    ("zero-copy 64 MiB, 4 ahead, 4 threads", dict(zero_copy=True, staging_bytes=64 * MiB, staging_buffers=4, copy_threads=4)),
-    ("zero-copy 256 MiB, 2 ahead, 2 threads", dict(zero_copy=True, staging_bytes=256 * MiB, staging_buffers=2, copy_threads=2)),
+    ("mmap 64 MiB x 2, 1 thread", dict(fill="mmap", staging_bytes=64 * MiB, staging_buffers=2, copy_threads=1)),
+    ("read 64 MiB x 2, 4 threads", dict(fill="read", staging_bytes=64 * MiB, staging_buffers=2, copy_threads=4)),
+    ("read 64 MiB x 2, 8 threads", dict(fill="read", staging_bytes=64 * MiB, staging_buffers=2, copy_threads=8)),
+    ("read 64 MiB x 2, 12 threads", dict(fill="read", staging_bytes=64 * MiB, staging_buffers=2, copy_threads=12)),
+    ("read 64 MiB x 3, 8 threads", dict(fill="read", staging_bytes=64 * MiB, staging_buffers=3, copy_threads=8)),
+    ("read 16 MiB x 4, 8 threads", dict(fill="read", staging_bytes=16 * MiB, staging_buffers=4, copy_threads=8)),
+    ("read 256 MiB x 2, 8 threads", dict(fill="read", staging_bytes=256 * MiB, staging_buffers=2, copy_threads=8)),
+    ("zero-copy 64 MiB, 2 ahead, 2 threads", dict(zero_copy=True, staging_bytes=64 * MiB, staging_buffers=2,
+                                                  copy_threads=2)),
 )
-RUNS = 3
+READ_THREADS = (1, 2, 4, 8, 12, 16)  # the preadv -> pinned ceiling, per thread count
+MADV_POPULATE_READ = 22  # linux/mman.h, Linux >= 5.14
+RUNS = 5  # first call, then the median of 4 (round 2's single medians of 2 spread 28.7-34.1)
 SLOW_S = 4.0  # a configuration whose first call takes longer is not repeated (keeps the GPU call short)
 
 
@@ -145,20 +152,58 @@ def pin_costs(files, window: int = 64 << 20, probe: int = 1 << 30) -> dict:
             "h2d": n / statistics.median(times) / 1e9, "equal": ok}
 
 
-def host_copy_gbs(files) -> float:
+def host_read(files, threads: int, chunk: int = 64 << 20) -> tuple[int, float]:
+    """os.preadv -> pinned buffer alone (page cache warm), as fill="read" does it: each 64 MiB chunk split
+    over `threads` threads, one chunk at a time. (bytes, seconds)"""
+    buf = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+    total = 0
+    with _ReadSource(files) as source, ThreadPoolExecutor(threads) as pool:
+        t0 = time.perf_counter()
+        for i, f in enumerate(files):
+            size = f.stat().st_size
+            for a in range(0, size, chunk):
+                c = Chunk(i, a, min(chunk, size - a))
+                for _ in pool.map(lambda r: source.read(c, r[0], r[1], buf), split_range(c.nbytes, threads)):
+                    pass
+            total += size
+        return total, time.perf_counter() - t0
+
+
+def populated_copy(files, chunk: int = 64 << 20) -> tuple[float, float]:
+    """The mmap memcpy with its page faults taken out: madvise(MADV_POPULATE_READ) maps every page of a
+    fresh mapping first, then the same memcpy as host_copy. GB/s of (populate, memcpy after it)."""
+    libc = _libc()
+    buf = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+    populate_s = copy_s = total = 0.0
+    for f in files:
+        m = _FileMap(f)
+        t0 = time.perf_counter()
+        if libc.madvise(ctypes.c_void_p(m.address), ctypes.c_size_t(m.size), MADV_POPULATE_READ):
+            m.close()
+            raise OSError(ctypes.get_errno(), f"madvise(MADV_POPULATE_READ): {os.strerror(ctypes.get_errno())}")
+        t1 = time.perf_counter()
+        for a in range(0, m.size, chunk):
+            n = min(chunk, m.size - a)
+            buf[:n].copy_(m.data[a:a + n])
+        populate_s, copy_s, total = populate_s + t1 - t0, copy_s + time.perf_counter() - t1, total + m.size
+        m.close()
+    return total / populate_s / 1e9, total / copy_s / 1e9
+
+
+def on_a_thread_gbs(copier) -> float:
     with ThreadPoolExecutor(1) as pool:
-        nbytes, seconds = pool.submit(host_copy, files).result()
+        nbytes, seconds = pool.submit(copier).result()
     return nbytes / seconds / 1e9
 
 
-def concurrent_gbs(files, piece: int = 256 << 20) -> tuple[float, float]:
-    """Host copy (worker thread) and pinned H2D of an unrelated buffer (this thread) at the same time,
-    GB/s of each: rates well below each one's alone mean they share a ceiling (host memory)."""
+def concurrent_gbs(copier, piece: int = 256 << 20) -> tuple[float, float]:
+    """A host copier ((bytes, seconds) on a worker thread) and pinned H2D of an unrelated buffer (this
+    thread) at the same time, GB/s of each: rates well below each one's alone mean a shared ceiling."""
     src = torch.empty(piece, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(piece, dtype=torch.uint8, device="cuda")
     with ThreadPoolExecutor(1) as pool:
         t0, sent = time.perf_counter(), 0
-        copying = pool.submit(host_copy, files)
+        copying = pool.submit(copier)
         while not copying.done():
             dst.copy_(src, non_blocking=True)
             torch.cuda.synchronize()
@@ -196,11 +241,23 @@ def main():
     print(f"wrote {nbytes / 1e9:.2f} GB in {len(files)} files, {len(ref)} tensors, "
           f"{time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}", flush=True)
     h2d, pageable = pinned_h2d_gbs(), pinned_h2d_gbs(pinned=False)
-    host = host_copy_gbs(files)
-    both = concurrent_gbs(files)
+    host = on_a_thread_gbs(lambda: host_copy(files))
+    both = concurrent_gbs(lambda: host_copy(files))
     print(f"pinned H2D {h2d:.1f} GB/s, pageable H2D {pageable:.1f} GB/s, mmap->pinned host copy "
           f"{host:.1f} GB/s; both at once: host copy {both[0]:.1f} + H2D {both[1]:.1f} GB/s "
           f"on {torch.cuda.get_device_name()}", flush=True)
+    try:
+        populate, populated = populated_copy(files)
+        print(f"mmap with MADV_POPULATE_READ first: populate {populate:.1f} GB/s, then memcpy {populated:.1f} GB/s",
+              flush=True)
+    except OSError as e:
+        print(f"MADV_POPULATE_READ refused: {e}", flush=True)
+    reads = {t: on_a_thread_gbs(lambda: host_read(files, t)) for t in READ_THREADS}
+    best = max(reads, key=reads.get)
+    read_both = concurrent_gbs(lambda: host_read(files, best))
+    print("preadv -> pinned alone, GB/s by threads: " + ", ".join(f"{t}: {g:.1f}" for t, g in reads.items())
+          + f"; with {best} threads at the same time as an unrelated H2D: read {read_both[0]:.1f} + H2D "
+          f"{read_both[1]:.1f} GB/s", flush=True)
     try:
         pin = pin_costs(files)
         print(f"zero-copy parts: page-lock {pin['pin']:.1f} GB/s, unlock {pin['unpin']:.1f} GB/s (64 MiB windows, "
@@ -239,7 +296,7 @@ def main():
     for label, kwargs in SWEEP:
         before = fallbacks.count
         first, steady, out = runs(lambda: load_safetensors(args.dir, **kwargs))
-        fell_back = f"{fallbacks.count - before} loads" if kwargs["zero_copy"] else "-"
+        fell_back = f"{fallbacks.count - before} loads" if kwargs.get("zero_copy") else "-"
         if not rows[2:]:
             rows.append(row(label + ", first call", first, out, st_first))
         rows.append(row(label, steady, out, st_steady, fell_back))
@@ -248,12 +305,15 @@ def main():
     if fallbacks.count:
         print(f"last fallback: {fallbacks.last}", flush=True)
     table(rows, f"Loading {nbytes / 1e9:.2f} GB of bf16 safetensors (page cache warm; pinned H2D {h2d:.1f} GB/s,"
-          f" mmap->pinned copy {host:.1f} GB/s)", "loader.md")
+          f" mmap->pinned copy {host:.1f} GB/s, preadv->pinned {reads[best]:.1f} GB/s with {best} threads)",
+          "loader.md")
 
     cold = min(files, key=lambda f: f.stat().st_size)
     cold_rows = []
     for case, fn in (("safetensors load_file", lambda: load_file(cold, device="cuda")),
-                     ("fusedops staging 64 MiB x 2", lambda: load_safetensors(cold, zero_copy=False)),
+                     ("fusedops mmap 64 MiB x 2", lambda: load_safetensors(cold, fill="mmap")),
+                     ("fusedops read 64 MiB x 2, 8 threads", lambda: load_safetensors(cold, fill="read",
+                                                                                      copy_threads=8)),
                      ("fusedops zero-copy 64 MiB, 2 ahead", lambda: load_safetensors(cold, zero_copy=True,
                                                                                      copy_threads=2))):
         evict(cold)

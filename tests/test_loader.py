@@ -11,11 +11,12 @@ from safetensors.torch import load_file, save_file
 from conftest import poison_
 from fusedops import load_safetensors
 import fusedops.loader as loader
-from fusedops.loader import CheckpointError, plan_chunks, plan_windows
+from fusedops.loader import CheckpointError, plan_chunks, plan_windows, split_range
 
 transformers = pytest.importorskip("transformers")
 
 ODD_STAGING = (1, 7, 4099, 1 << 20)  # bytes: byte-by-byte, unaligned, page-crossing, whole tensors
+FILLS = [("mmap", 1), ("read", 1), ("read", 3)]  # (fill, copy_threads)
 
 
 def random_tensors(seed=0):
@@ -61,16 +62,65 @@ def snapshot(model):
 
 # ---- path loads ----
 
+@pytest.mark.parametrize("fill, threads", FILLS)
 @pytest.mark.parametrize("staging_bytes", ODD_STAGING)
-def test_directory_round_trip_matches_safetensors(tmp_path, staging_bytes):
+def test_directory_round_trip_matches_safetensors(tmp_path, staging_bytes, fill, threads):
     t = random_tensors()
     names = list(t)
     save_file({k: t[k] for k in names[:6]}, tmp_path / "a.safetensors")
     save_file({k: t[k] for k in names[6:]}, tmp_path / "b.safetensors")
     expected = {**load_file(tmp_path / "a.safetensors"), **load_file(tmp_path / "b.safetensors")}
-    out = load_safetensors(tmp_path, device="cpu", staging_bytes=staging_bytes)
+    out = load_safetensors(tmp_path, device="cpu", staging_bytes=staging_bytes, fill=fill, copy_threads=threads)
     assert out.keys() == expected.keys()
     assert all(same_bytes(out[k], expected[k]) and same_bytes(out[k], t[k]) for k in t)
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 7, 4095, 4096, 4097, 3 * 4096 + 5, 10**6 + 3])
+@pytest.mark.parametrize("parts", [1, 2, 3, 8])
+def test_split_range_covers_every_byte_once(nbytes, parts):
+    slices = split_range(nbytes, parts, page=4096)
+    assert len(slices) <= parts and all(lo < hi for lo, hi in slices)
+    assert [lo for lo, _ in slices] == [0, *(hi for _, hi in slices)][:len(slices)]  # consecutive, no overlap
+    assert sum(hi - lo for lo, hi in slices) == nbytes
+    if nbytes > parts * 4096:  # big slices start on page offsets of the buffer
+        assert all(lo % 4096 == 0 for lo, _ in slices)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_read_fill_retries_partial_reads(tmp_path, monkeypatch, threads):
+    t = random_tensors()
+    save_file(t, tmp_path / "a.safetensors")
+    real, calls = loader.os.preadv, []
+
+    def at_most_5_bytes(fd, buffers, offset):  # what a signal or a 2 GiB call would do: fewer bytes, not 0
+        calls.append(offset)
+        return real(fd, [memoryview(buffers[0]).cast("B")[:5]], offset)
+
+    monkeypatch.setattr(loader.os, "preadv", at_most_5_bytes)
+    out = load_safetensors(tmp_path, device="cpu", fill="read", copy_threads=threads, staging_bytes=4099)
+    assert all(same_bytes(out[k], t[k]) for k in t)
+    assert len(calls) > sum(v.numel() * v.element_size() for v in t.values()) // 5 - 1
+
+
+@pytest.mark.parametrize("threads, staging_bytes", [(1, 1 << 20), (3, 64), (2, 7)])
+def test_file_shrinking_during_the_load_names_file_and_tensor(tmp_path, monkeypatch, threads, staging_bytes):
+    t = random_tensors()
+    save_file(t, tmp_path / "a.safetensors")
+    header = load_file_header((tmp_path / "a.safetensors").read_bytes())
+    begin, end = header["bf16"]["data_offsets"]
+    data_start = (tmp_path / "a.safetensors").stat().st_size - max(e for v in header.values()
+                                                                   for e in v["data_offsets"][1:])
+    real_copy = loader._copy
+
+    def shrink_then_copy(*args):  # headers were read and validated; then the file loses its tail
+        with open(tmp_path / "a.safetensors", "r+b") as f:
+            f.truncate(data_start + (begin + end) // 2)
+        return real_copy(*args)
+
+    monkeypatch.setattr(loader, "_copy", shrink_then_copy)
+    with pytest.raises(CheckpointError, match=rf"a\.safetensors: tensor 'bf16': short read, no bytes at offset "
+                                              rf"{data_start + (begin + end) // 2}, inside the tensor's data"):
+        load_safetensors(tmp_path, device="cpu", fill="read", copy_threads=threads, staging_bytes=staging_bytes)
 
 
 def test_index_json_picks_the_files(tmp_path):
@@ -219,6 +269,7 @@ def test_truncated_or_garbled_header(tmp_path, data, message):
     (dict(device="meta"), "device"), (dict(device="nonsense"), "device"),
     (dict(device="cpu", staging_bytes=0), "staging_bytes"), (dict(device="cpu", staging_buffers=1), "staging_buffers"),
     (dict(device="cpu", checkpoint="x"), "checkpoint"), (dict(device="cpu", copy_threads=0), "copy_threads"),
+    (dict(device="cpu", fill="pread"), "fill"),
 ])
 def test_bad_arguments_name_the_argument(tmp_path, kwargs, arg):
     save_file({"x": torch.ones(1)}, tmp_path / "a.safetensors")
@@ -244,24 +295,26 @@ def test_cuda_without_cuda_names_device(tmp_path):
 
 # ---- model loads ----
 
+@pytest.mark.parametrize("fill", ["mmap", "read"])
 @pytest.mark.parametrize("tie", [True, False])
-def test_model_round_trip_hf_checkpoint(tmp_path, tie):
+def test_model_round_trip_hf_checkpoint(tmp_path, tie, fill):
     source = tiny_llama(0, tie)
     source.save_pretrained(tmp_path, max_shard_size="40KB")
     model = tiny_llama(1, tie)
     assert not torch.equal(model.lm_head.weight, source.lm_head.weight)
-    result = load_safetensors(model, device="cpu", checkpoint=tmp_path, staging_bytes=4099)
+    result = load_safetensors(model, device="cpu", checkpoint=tmp_path, staging_bytes=4099, fill=fill)
     assert result == ([], [])
     expected = source.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
 
 
-def test_model_cast_to_its_dtype(tmp_path):
+@pytest.mark.parametrize("fill", ["mmap", "read"])
+def test_model_cast_to_its_dtype(tmp_path, fill):
     source = tiny_llama(0)
     source.save_pretrained(tmp_path)
     model = tiny_llama(1, dtype=torch.bfloat16)
-    load_safetensors(model, device="cpu", checkpoint=tmp_path, staging_bytes=7)
+    load_safetensors(model, device="cpu", checkpoint=tmp_path, staging_bytes=7, fill=fill, copy_threads=2)
     expected = source.state_dict()
     assert all(v.dtype == torch.bfloat16 and torch.equal(v, expected[k].bfloat16())
                for k, v in model.state_dict().items())
@@ -356,10 +409,11 @@ def cuda_round_trip(tmp_path, **kwargs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fill", ["mmap", "read"])
 @pytest.mark.parametrize("staging_bytes, buffers, threads", [(4099, 2, 1), (4099, 3, 2), (1 << 16, 4, 3),
-                                                              (64 << 20, 3, 1)])
-def test_cuda_round_trip(tmp_path, staging_bytes, buffers, threads):
-    cuda_round_trip(tmp_path, staging_bytes=staging_bytes, staging_buffers=buffers, copy_threads=threads)
+                                                              (64 << 20, 3, 1), (64 << 20, 2, 8)])
+def test_cuda_round_trip(tmp_path, staging_bytes, buffers, threads, fill):
+    cuda_round_trip(tmp_path, staging_bytes=staging_bytes, staging_buffers=buffers, copy_threads=threads, fill=fill)
 
 
 @pytest.mark.gpu
@@ -374,8 +428,9 @@ def test_cuda_zero_copy_pins_the_mapping(tmp_path, caplog, monkeypatch, window, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fill", ["mmap", "read"])
 @pytest.mark.parametrize("refused", [0, 3])
-def test_cuda_zero_copy_falls_back_to_staging(tmp_path, caplog, monkeypatch, refused):
+def test_cuda_zero_copy_falls_back_to_staging(tmp_path, caplog, monkeypatch, refused, fill):
     calls = []
 
     def pin(address, nbytes):
@@ -386,14 +441,14 @@ def test_cuda_zero_copy_falls_back_to_staging(tmp_path, caplog, monkeypatch, ref
 
     monkeypatch.setattr(loader, "_pin", pin)
     with caplog.at_level("DEBUG", logger="fusedops.loader"):
-        cuda_round_trip(tmp_path, zero_copy=True, staging_bytes=4096, staging_buffers=2)
+        cuda_round_trip(tmp_path, zero_copy=True, staging_bytes=4096, staging_buffers=2, fill=fill)
     assert "refused by the test" in caplog.text and "staging the remaining" in caplog.text
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("zero_copy", [False, True])
+@pytest.mark.parametrize("zero_copy, fill", [(False, "mmap"), (False, "read"), (True, "mmap")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_model_in_place_cast_and_moved(tmp_path, dtype, zero_copy):
+def test_cuda_model_in_place_cast_and_moved(tmp_path, dtype, zero_copy, fill):
     source = tiny_llama(0)
     source.save_pretrained(tmp_path, max_shard_size="40KB")
     expected = {k: v.to(dtype) for k, v in source.state_dict().items()}
@@ -401,10 +456,11 @@ def test_cuda_model_in_place_cast_and_moved(tmp_path, dtype, zero_copy):
     ptrs = {k: v.data_ptr() for k, v in on_gpu.state_dict().items()}
     for p in on_gpu.parameters():
         poison_(p.data)
-    load_safetensors(on_gpu, checkpoint=tmp_path, staging_bytes=4099, staging_buffers=2, zero_copy=zero_copy)
+    load_safetensors(on_gpu, checkpoint=tmp_path, staging_bytes=4099, staging_buffers=2, zero_copy=zero_copy,
+                     fill=fill)
     state = on_gpu.state_dict()
     assert all(v.data_ptr() == ptrs[k] and torch.equal(v.cpu(), expected[k]) for k, v in state.items())
     on_meta = tiny_llama(1, dtype=dtype, device="meta")
-    load_safetensors(on_meta, checkpoint=tmp_path, zero_copy=zero_copy, strict=False)   # inv_freq: no checkpoint
+    load_safetensors(on_meta, checkpoint=tmp_path, zero_copy=zero_copy, fill=fill, strict=False)  # inv_freq: none
     assert all(v.is_cuda and torch.equal(v.cpu(), expected[k]) for k, v in on_meta.state_dict().items())
     assert on_meta.lm_head.weight is on_meta.model.embed_tokens.weight
