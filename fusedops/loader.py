@@ -6,11 +6,14 @@ raises `CheckpointError` naming the file and the tensor and leaves a model untou
 through pinned staging buffers: worker threads fill chunk i+1 into one buffer while the side stream's
 host-to-device copy of chunk i reads another; an event per buffer tells the workers when they may refill
 it, and the caller's stream waits for the side stream at the end. Two ways to fill a buffer (`fill`):
-"read" splits the chunk over `copy_threads` threads, each an os.preadv of its slice straight from the file
-into the buffer (the kernel copies from the page cache, no page faults; the GIL is released in the call);
-"mmap" memcpys the chunk out of the memory-mapped file (torch's copy_, parallel inside, faulting the
-mapping's pages in as it goes). On the CPU, "read" runs the same pipeline with plain buffers and no
-streams (so CI covers it) and "mmap" copies straight from the mapping into the tensors.
+"mmap" maps the chunk's pages in one madvise(MADV_POPULATE_READ) call, then memcpys it out of the
+memory-mapped file (torch's copy_, parallel inside); "read" splits the chunk over `copy_threads` threads,
+each an os.preadv of its slice straight from the file into the buffer (the kernel copies from the page
+cache; the GIL is released in the call). On the CPU, "mmap" copies straight from the populated mapping
+into the tensors and "read" runs the staging pipeline with plain buffers and no streams (so CI covers it).
+A file that shrinks after its header was read raises CheckpointError naming file and tensor: "read" sees
+the short read; "mmap" checks the file's size after each chunk's populate (a shrink during the memcpy itself
+still reads zeros or dies of SIGBUS, as with any mapped file).
 
 Zero-copy (zero_copy=True): no staging buffer and no host memcpy. The mapped file range itself is page-locked
 read-only (cuMemHostRegister with CU_MEMHOSTREGISTER_READ_ONLY), one page-aligned window at a time on a worker
@@ -23,6 +26,7 @@ in a debug log (logger "fusedops.loader").
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import json
 import logging
@@ -31,7 +35,7 @@ import os
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -45,11 +49,15 @@ STAGING_BUFFERS = 2
 # fill="mmap" memcpy threads (each fills its own buffer), page-locking threads of the zero-copy path.
 # 1: 64 MiB x 4 with 2 threads loaded 4.10 GB at 32.7 GB/s vs 32.1 with 1 (noise), 16 MiB x 8 with 4 at 25.5.
 COPY_THREADS = 1
-# fill="read": threads reading slices of one chunk at a time (not yet measured on the H100).
-READ_THREADS = 8
-# How staging buffers are filled: "read" (os.preadv) or "mmap" (memcpy from the mapping).
+# fill="read": threads reading slices of one chunk at a time. preadv -> pinned alone moved 4.8 GB/s with 1 thread,
+# 27.0 with 8, 30.2 with 16 (H100 host, 2026-11-25); a load with 12 threads 29.7 GB/s, below "mmap".
+READ_THREADS = 12
+# How staging buffers are filled: "mmap" (populate + memcpy from the mapping) or "read" (os.preadv). The page
+# faults were the mmap memcpy's cost: 34.8 GB/s from a fresh mapping, 78.5 GB/s once MADV_POPULATE_READ (at
+# 803 GB/s) had mapped it (H100 host, 2026-11-25).
 FILL = "mmap"
-FILLS = ("read", "mmap")
+FILLS = ("mmap", "read")
+MADV_POPULATE_READ = 22  # linux/mman.h, Linux >= 5.14; older kernels refuse it (EINVAL) and the memcpy faults
 # Staging by default: warm, zero-copy loaded at 14.9-20.9 GB/s vs staging's 32.1 (H100, 2026-11-25): page-locking
 # runs at 29.7 GB/s and does not overlap the DMA (pin + copy times add up). Cold (disk-bound) it won, 1.7 vs 1.2 GB/s.
 ZERO_COPY = False
@@ -298,6 +306,7 @@ def _libc():
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
     libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return libc
 
 
@@ -307,6 +316,7 @@ class _FileMap:
     long-term pin touches). `data` is the file as a uint8 tensor, never written."""
 
     def __init__(self, file: Path):
+        self.file = file
         self.size = file.stat().st_size
         fd = os.open(file, os.O_RDONLY)
         try:
@@ -321,6 +331,43 @@ class _FileMap:
     def close(self) -> None:
         del self.data
         _libc().munmap(self.address, self.size)
+
+
+class _ShortRead(Exception):
+    """The file ended (args: the file offset) before the bytes its header promised."""
+
+
+def _populate(m: _FileMap, begin: int, end: int) -> None:
+    """Map the pages holding file bytes [begin, end) in one call (MADV_POPULATE_READ) instead of one page
+    fault each during the memcpy. Raises _ShortRead if the file no longer has them: past its end a mapping
+    reads zeros up to the page boundary, then raises SIGBUS (a shrink during the memcpy itself still can)."""
+    start = begin // _PAGE * _PAGE
+    if _libc().madvise(m.address + start, end - start, MADV_POPULATE_READ):
+        err = ctypes.get_errno()
+        if err != errno.EFAULT:  # EFAULT: a page past the end of the file, caught by the size check below
+            _populate_refused(err)
+    size = m.file.stat().st_size
+    if size < end:
+        raise _ShortRead(max(size, begin))
+
+
+@functools.lru_cache(maxsize=None)
+def _populate_refused(err: int) -> None:
+    log.debug("madvise(MADV_POPULATE_READ) refused (%s): the memcpy faults the pages in", os.strerror(err))
+
+
+@contextmanager
+def _naming_the_tensor(file: Path, chunk: Chunk, jobs: list[_Job]):
+    """Turn a _ShortRead inside `chunk` into a CheckpointError naming the file and the tensor cut short."""
+    try:
+        yield
+    except _ShortRead as e:
+        offset = e.args[0]
+        piece = next(p for p in chunk.pieces if chunk.start + p.chunk_offset + p.nbytes > offset)
+        entry = jobs[piece.job].entry
+        raise CheckpointError(f"{file}: tensor {entry.name!r}: short read, no bytes at offset {offset}, inside "
+                              f"the tensor's data [{entry.start}, {entry.end}): the file shrank after its header "
+                              "was read") from None
 
 
 class RegistrationError(RuntimeError):
@@ -364,6 +411,8 @@ def _copy(jobs: list[_Job], device: torch.device, chunk_bytes: int, in_flight: i
         if device.type != "cuda":
             if fill == "mmap":
                 for c in plan_chunks(spans, chunk_bytes):
+                    with _naming_the_tensor(files[c.file], c, jobs):
+                        _populate(maps[c.file], c.start, c.start + c.nbytes)
                     _apply(c, maps[c.file].data[c.start:c.start + c.nbytes], jobs, non_blocking=False)
             else:
                 _copy_staged(plan_chunks(spans, chunk_bytes), source, files, jobs, in_flight, threads, None)
@@ -431,8 +480,8 @@ def _copy_pinned(windows: list[Window], maps: list[_FileMap], files: list[Path],
 
 
 class _MappedSource:
-    """fill="mmap": a chunk is one memcpy out of the mapped file (torch's copy_ spreads it over its own
-    intra-op threads), so each worker thread fills a whole chunk."""
+    """fill="mmap": a chunk is one populate and one memcpy out of the mapped file (torch's copy_ spreads it
+    over its own intra-op threads), so each worker thread fills a whole chunk."""
 
     def __init__(self, maps: list[_FileMap]):
         self.maps = maps
@@ -441,11 +490,9 @@ class _MappedSource:
         return [(0, nbytes)]
 
     def read(self, chunk: Chunk, lo: int, hi: int, buffer: torch.Tensor) -> None:
-        buffer[lo:hi].copy_(self.maps[chunk.file].data[chunk.start + lo:chunk.start + hi])
-
-
-class _ShortRead(Exception):
-    """The file ended (args: the file offset) before the bytes its header promised."""
+        m = self.maps[chunk.file]
+        _populate(m, chunk.start + lo, chunk.start + hi)
+        buffer[lo:hi].copy_(m.data[chunk.start + lo:chunk.start + hi])
 
 
 class _ReadSource:
@@ -509,10 +556,8 @@ def _copy_staged(chunks: list[Chunk], source, files: list[Path], jobs: list[_Job
         c, k = chunks[i], i % len(staging)
         if reusable:
             reusable[k].synchronize()
-        try:
+        with _naming_the_tensor(files[c.file], c, jobs):
             source.read(c, lo, hi, staging[k])
-        except _ShortRead as e:
-            raise CheckpointError(_short_read_message(files[c.file], e.args[0], c, jobs)) from None
 
     with ThreadPoolExecutor(threads, thread_name_prefix="fusedops-load") as reader:
         def submit(i: int) -> list[Future]:
@@ -532,13 +577,6 @@ def _copy_staged(chunks: list[Chunk], source, files: list[Path], jobs: list[_Job
         except BaseException:
             reader.shutdown(cancel_futures=True)  # fail fast: no further reads once one has failed
             raise
-
-
-def _short_read_message(file: Path, offset: int, chunk: Chunk, jobs: list[_Job]) -> str:
-    piece = next(p for p in chunk.pieces if chunk.start + p.chunk_offset + p.nbytes > offset)
-    entry = jobs[piece.job].entry
-    return (f"{file}: tensor {entry.name!r}: short read, no bytes at offset {offset}, inside the tensor's data "
-            f"[{entry.start}, {entry.end}): the file shrank after its header was read")
 
 
 # ---- public entry point ----

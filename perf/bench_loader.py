@@ -2,13 +2,14 @@
 both against the pinned host-to-device bandwidth measured in the same run, on a multi-GB bf16 checkpoint
 (Llama-3-8B-shaped tensors) this script writes itself. The files were just written, so the warm rows read
 from the page cache (RAM); the cold rows first evict one file with posix_fadvise(DONTNEED). Paths: staging
-filled by os.preadv threads (fill="read": file -> pinned buffer -> H2D) or by a memcpy from the mapped file
-(fill="mmap"), and zero-copy (the mapped page-cache pages themselves page-locked read-only, window by window,
-and DMA'd from); a zero-copy row that fell back to staging says so. Host ceilings in the same run: the mmap
-memcpy from a fresh and from a pre-populated mapping, and the preadv read into pinned memory per thread count.
+filled by a memcpy from the mapped file after MADV_POPULATE_READ (fill="mmap"; the "faulting" row skips the
+populate, as rounds 1-2 did) or by os.preadv threads (fill="read"), and zero-copy (the mapped page-cache pages
+page-locked read-only, window by window, and DMA'd from); a zero-copy row that fell back to staging says so.
+Host ceilings in the same run: the mmap memcpy faulting and populated, each alone and beside an unrelated
+pinned H2D, and the preadv read into pinned memory per thread count.
 Run: PYTHONPATH=.:perf python3 perf/bench_loader.py [--gb 6] [--files 4] [--dir /tmp/fusedops_ckpt]"""
 import argparse
-import ctypes
+import contextlib
 import logging
 import os
 import shutil
@@ -22,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from common import table
 from fusedops import load_safetensors
-from fusedops.loader import Chunk, RegistrationError, _FileMap, _libc, _pin, _ReadSource, _unpin, split_range
+import fusedops.loader as loader
+from fusedops.loader import Chunk, RegistrationError, _FileMap, _pin, _ReadSource, _unpin, split_range
 
 EMBED = (128256, 4096)
 LAYER = {"self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (1024, 4096),
@@ -31,20 +33,21 @@ LAYER = {"self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (10
          "mlp.down_proj.weight": (4096, 14336), "input_layernorm.weight": (4096,),
          "post_attention_layernorm.weight": (4096,)}
 MiB = 1 << 20
-# (label, load_safetensors keyword arguments); the first row is the round-1/2 default (mmap memcpy, 64 MiB x 2).
+# (label, load_safetensors keyword arguments, populate); the first row is rounds 1-2's default.
 SWEEP = (
-    ("mmap 64 MiB x 2, 1 thread", dict(fill="mmap", staging_bytes=64 * MiB, staging_buffers=2, copy_threads=1)),
-    ("read 64 MiB x 2, 4 threads", dict(fill="read", staging_bytes=64 * MiB, staging_buffers=2, copy_threads=4)),
-    ("read 64 MiB x 2, 8 threads", dict(fill="read", staging_bytes=64 * MiB, staging_buffers=2, copy_threads=8)),
-    ("read 64 MiB x 2, 12 threads", dict(fill="read", staging_bytes=64 * MiB, staging_buffers=2, copy_threads=12)),
-    ("read 64 MiB x 3, 8 threads", dict(fill="read", staging_bytes=64 * MiB, staging_buffers=3, copy_threads=8)),
-    ("read 16 MiB x 4, 8 threads", dict(fill="read", staging_bytes=16 * MiB, staging_buffers=4, copy_threads=8)),
-    ("read 256 MiB x 2, 8 threads", dict(fill="read", staging_bytes=256 * MiB, staging_buffers=2, copy_threads=8)),
+    ("mmap faulting 64 MiB x 2, 1 thread", dict(fill="mmap", staging_bytes=64 * MiB, staging_buffers=2,
+                                                copy_threads=1), False),
+    ("mmap 64 MiB x 2, 1 thread", dict(fill="mmap", staging_bytes=64 * MiB, staging_buffers=2, copy_threads=1), True),
+    ("mmap 64 MiB x 3, 1 thread", dict(fill="mmap", staging_bytes=64 * MiB, staging_buffers=3, copy_threads=1), True),
+    ("mmap 64 MiB x 4, 2 threads", dict(fill="mmap", staging_bytes=64 * MiB, staging_buffers=4, copy_threads=2), True),
+    ("mmap 16 MiB x 4, 1 thread", dict(fill="mmap", staging_bytes=16 * MiB, staging_buffers=4, copy_threads=1), True),
+    ("mmap 256 MiB x 2, 1 thread", dict(fill="mmap", staging_bytes=256 * MiB, staging_buffers=2, copy_threads=1), True),
+    ("read 64 MiB x 2, 12 threads", dict(fill="read", staging_bytes=64 * MiB, staging_buffers=2, copy_threads=12),
+     True),
     ("zero-copy 64 MiB, 2 ahead, 2 threads", dict(zero_copy=True, staging_bytes=64 * MiB, staging_buffers=2,
-                                                  copy_threads=2)),
+                                                  copy_threads=2), True),
 )
-READ_THREADS = (1, 2, 4, 8, 12, 16)  # the preadv -> pinned ceiling, per thread count
-MADV_POPULATE_READ = 22  # linux/mman.h, Linux >= 5.14
+READ_THREADS = (8, 16)  # the preadv -> pinned ceiling, per thread count (round 3: 1 to 16 threads, 4.8-30.2 GB/s)
 RUNS = 5  # first call, then the median of 4 (round 2's single medians of 2 spread 28.7-34.1)
 SLOW_S = 4.0  # a configuration whose first call takes longer is not repeated (keeps the GPU call short)
 
@@ -102,14 +105,17 @@ def pinned_h2d_gbs(nbytes: int = 1 << 30, pinned: bool = True) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-def host_copy(files, chunk: int = 64 << 20) -> tuple[int, float]:
-    """mmap -> pinned memcpy alone (page cache warm), as the loader's reader does it: (bytes, seconds)."""
+def host_copy(files, populate: bool, chunk: int = 64 << 20) -> tuple[int, float]:
+    """mmap -> pinned memcpy alone (page cache warm), as fill="mmap" does it, with each chunk populated
+    first or faulted in by the memcpy: (bytes, seconds)."""
     buf = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
     t0, total = time.perf_counter(), 0
     for f in files:
         m = _FileMap(f)
         for a in range(0, m.size, chunk):
             n = min(chunk, m.size - a)
+            if populate:
+                loader._populate(m, a, a + n)
             buf[:n].copy_(m.data[a:a + n])
         total += m.size
         m.close()
@@ -169,25 +175,15 @@ def host_read(files, threads: int, chunk: int = 64 << 20) -> tuple[int, float]:
         return total, time.perf_counter() - t0
 
 
-def populated_copy(files, chunk: int = 64 << 20) -> tuple[float, float]:
-    """The mmap memcpy with its page faults taken out: madvise(MADV_POPULATE_READ) maps every page of a
-    fresh mapping first, then the same memcpy as host_copy. GB/s of (populate, memcpy after it)."""
-    libc = _libc()
-    buf = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
-    populate_s = copy_s = total = 0.0
-    for f in files:
-        m = _FileMap(f)
-        t0 = time.perf_counter()
-        if libc.madvise(ctypes.c_void_p(m.address), ctypes.c_size_t(m.size), MADV_POPULATE_READ):
-            m.close()
-            raise OSError(ctypes.get_errno(), f"madvise(MADV_POPULATE_READ): {os.strerror(ctypes.get_errno())}")
-        t1 = time.perf_counter()
-        for a in range(0, m.size, chunk):
-            n = min(chunk, m.size - a)
-            buf[:n].copy_(m.data[a:a + n])
-        populate_s, copy_s, total = populate_s + t1 - t0, copy_s + time.perf_counter() - t1, total + m.size
-        m.close()
-    return total / populate_s / 1e9, total / copy_s / 1e9
+@contextlib.contextmanager
+def faulting():
+    """fill="mmap" as rounds 1-2 ran it: no MADV_POPULATE_READ, the memcpy faults every page in."""
+    populate = loader._populate
+    loader._populate = lambda m, begin, end: None
+    try:
+        yield
+    finally:
+        loader._populate = populate
 
 
 def on_a_thread_gbs(copier) -> float:
@@ -241,17 +237,14 @@ def main():
     print(f"wrote {nbytes / 1e9:.2f} GB in {len(files)} files, {len(ref)} tensors, "
           f"{time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}", flush=True)
     h2d, pageable = pinned_h2d_gbs(), pinned_h2d_gbs(pinned=False)
-    host = on_a_thread_gbs(lambda: host_copy(files))
-    both = concurrent_gbs(lambda: host_copy(files))
-    print(f"pinned H2D {h2d:.1f} GB/s, pageable H2D {pageable:.1f} GB/s, mmap->pinned host copy "
-          f"{host:.1f} GB/s; both at once: host copy {both[0]:.1f} + H2D {both[1]:.1f} GB/s "
-          f"on {torch.cuda.get_device_name()}", flush=True)
-    try:
-        populate, populated = populated_copy(files)
-        print(f"mmap with MADV_POPULATE_READ first: populate {populate:.1f} GB/s, then memcpy {populated:.1f} GB/s",
-              flush=True)
-    except OSError as e:
-        print(f"MADV_POPULATE_READ refused: {e}", flush=True)
+    print(f"pinned H2D {h2d:.1f} GB/s, pageable H2D {pageable:.1f} GB/s on {torch.cuda.get_device_name()}",
+          flush=True)
+    host = {}
+    for populate in (False, True):
+        host[populate] = on_a_thread_gbs(lambda: host_copy(files, populate))
+        both = concurrent_gbs(lambda: host_copy(files, populate))
+        print(f"mmap->pinned memcpy, {'populated' if populate else 'faulting'}: {host[populate]:.1f} GB/s alone; "
+              f"beside an unrelated pinned H2D: memcpy {both[0]:.1f} + H2D {both[1]:.1f} GB/s", flush=True)
     reads = {t: on_a_thread_gbs(lambda: host_read(files, t)) for t in READ_THREADS}
     best = max(reads, key=reads.get)
     read_both = concurrent_gbs(lambda: host_read(files, best))
@@ -293,9 +286,10 @@ def main():
     rows = [row("safetensors load_file, first call", st_first, out),
             row("safetensors load_file", st_steady, out)]
     del out
-    for label, kwargs in SWEEP:
+    for label, kwargs, populate in SWEEP:
         before = fallbacks.count
-        first, steady, out = runs(lambda: load_safetensors(args.dir, **kwargs))
+        with contextlib.nullcontext() if populate else faulting():
+            first, steady, out = runs(lambda: load_safetensors(args.dir, **kwargs))
         fell_back = f"{fallbacks.count - before} loads" if kwargs.get("zero_copy") else "-"
         if not rows[2:]:
             rows.append(row(label + ", first call", first, out, st_first))
@@ -305,15 +299,15 @@ def main():
     if fallbacks.count:
         print(f"last fallback: {fallbacks.last}", flush=True)
     table(rows, f"Loading {nbytes / 1e9:.2f} GB of bf16 safetensors (page cache warm; pinned H2D {h2d:.1f} GB/s,"
-          f" mmap->pinned copy {host:.1f} GB/s, preadv->pinned {reads[best]:.1f} GB/s with {best} threads)",
+          f" mmap->pinned memcpy {host[False]:.1f} faulting / {host[True]:.1f} populated, preadv->pinned "
+          f"{reads[best]:.1f} with {best} threads)",
           "loader.md")
 
     cold = min(files, key=lambda f: f.stat().st_size)
     cold_rows = []
     for case, fn in (("safetensors load_file", lambda: load_file(cold, device="cuda")),
-                     ("fusedops mmap 64 MiB x 2", lambda: load_safetensors(cold, fill="mmap")),
-                     ("fusedops read 64 MiB x 2, 8 threads", lambda: load_safetensors(cold, fill="read",
-                                                                                      copy_threads=8)),
+                     ("fusedops mmap 64 MiB x 2 (populate)", lambda: load_safetensors(cold, fill="mmap")),
+                     ("fusedops read 64 MiB x 2, 12 threads", lambda: load_safetensors(cold, fill="read")),
                      ("fusedops zero-copy 64 MiB, 2 ahead", lambda: load_safetensors(cold, zero_copy=True,
                                                                                      copy_threads=2))):
         evict(cold)

@@ -102,8 +102,21 @@ def test_read_fill_retries_partial_reads(tmp_path, monkeypatch, threads):
     assert len(calls) > sum(v.numel() * v.element_size() for v in t.values()) // 5 - 1
 
 
-@pytest.mark.parametrize("threads, staging_bytes", [(1, 1 << 20), (3, 64), (2, 7)])
-def test_file_shrinking_during_the_load_names_file_and_tensor(tmp_path, monkeypatch, threads, staging_bytes):
+def populate_works(tmp_path):
+    """MADV_POPULATE_READ (Linux >= 5.14) is what turns a shrunk mapped file into an error instead of SIGBUS."""
+    (tmp_path / "probe").write_bytes(bytes(4096))
+    m = loader._FileMap(tmp_path / "probe")
+    try:
+        return loader._libc().madvise(m.address, 4096, loader.MADV_POPULATE_READ) == 0
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("fill, threads, staging_bytes", [("read", 1, 1 << 20), ("read", 3, 64), ("read", 2, 7),
+                                                          ("mmap", 1, 1 << 20), ("mmap", 1, 64)])
+def test_file_shrinking_during_the_load_names_file_and_tensor(tmp_path, monkeypatch, fill, threads, staging_bytes):
+    if fill == "mmap" and not populate_works(tmp_path):
+        pytest.skip("no MADV_POPULATE_READ here: the memcpy from a shrunk mapping would die of SIGBUS")
     t = random_tensors()
     save_file(t, tmp_path / "a.safetensors")
     header = load_file_header((tmp_path / "a.safetensors").read_bytes())
@@ -120,7 +133,32 @@ def test_file_shrinking_during_the_load_names_file_and_tensor(tmp_path, monkeypa
     monkeypatch.setattr(loader, "_copy", shrink_then_copy)
     with pytest.raises(CheckpointError, match=rf"a\.safetensors: tensor 'bf16': short read, no bytes at offset "
                                               rf"{data_start + (begin + end) // 2}, inside the tensor's data"):
-        load_safetensors(tmp_path, device="cpu", fill="read", copy_threads=threads, staging_bytes=staging_bytes)
+        load_safetensors(tmp_path, device="cpu", fill=fill, copy_threads=threads, staging_bytes=staging_bytes)
+
+
+def test_mmap_fill_populates_each_chunk_before_copying(tmp_path, monkeypatch):
+    t = random_tensors()
+    save_file(t, tmp_path / "a.safetensors")
+    entries = loader.read_checkpoint(tmp_path)
+    populated, real = [], loader._populate
+    monkeypatch.setattr(loader, "_populate", lambda m, begin, end: populated.append((begin, end)) or real(m, begin, end))
+    load_safetensors(tmp_path, device="cpu", fill="mmap", staging_bytes=4099)
+    spans = sorted((e.start, e.end) for e in entries.values() if e.end > e.start)
+    assert all(0 < end - begin <= 4099 for begin, end in populated)
+    covered = sorted(populated)
+    assert covered[0][0] == spans[0][0] and covered[-1][1] == spans[-1][1]
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # safetensors packs tensors back to back
+
+
+def test_mmap_fill_without_populate_still_loads(tmp_path, monkeypatch, caplog):
+    t = random_tensors()
+    save_file(t, tmp_path / "a.safetensors")
+    monkeypatch.setattr(loader, "MADV_POPULATE_READ", 12345)  # an advice no kernel knows: EINVAL, as before 5.14
+    loader._populate_refused.cache_clear()
+    with caplog.at_level("DEBUG", logger="fusedops.loader"):
+        out = load_safetensors(tmp_path, device="cpu", fill="mmap", staging_bytes=4099)
+    assert all(same_bytes(out[k], t[k]) for k in t)
+    assert caplog.text.count("MADV_POPULATE_READ) refused (Invalid argument)") == 1  # said once, not per chunk
 
 
 def test_index_json_picks_the_files(tmp_path):
