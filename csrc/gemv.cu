@@ -10,6 +10,7 @@
 // is needed. A CTA owns one 16-output slice; its warps split K and add their fragments through shared
 // memory at the end, where the epilogue (bias, residual, or SwiGLU) runs once per output.
 #include "attention/mma_sm80.cuh"
+#include "common/stream_load.cuh"
 #include "common/vec.cuh"
 
 struct GemvParams {
@@ -49,24 +50,10 @@ struct Traits {
 
 // Every load of a step must be in flight before its first mma. Left alone, the compiler interleaved loads
 // and mmas to save registers and kept only 2-5 loads in flight a thread (SASS of run 1: 8 warps x 4 loads
-// reached 74 % of copy on qkv, fewer loads 87 %). So loads and mmas are volatile asm (NVVM keeps their
-// order), a step never branches around a load, and a __syncwarp() between them stops ptxas moving loads
-// down (SASS now: all of a step's LDG.128 before the first HMMA, the next step's issued under its mmas).
-// W is read exactly once: keep it out of L1.
-__device__ __forceinline__ uint4 load_weight(const void* ptr) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(ptr));
-    return v;
-}
-
-// x is reused by every warp of every CTA: cached.
-__device__ __forceinline__ uint4 load_x(const void* ptr) {
-    uint4 v;
-    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
-    return v;
-}
+// reached 74 % of copy on qkv, fewer loads 87 %). So loads (common/stream_load.cuh) and mmas are volatile
+// asm (NVVM keeps their order), a step never branches around a load, and a __syncwarp() between them stops
+// ptxas moving loads down (SASS now: all of a step's LDG.128 before the first HMMA, the next step's issued
+// under its mmas).
 
 // mma of one 16-row W tile (lane's rows g, g+8: lo, hi) with one 8-token x tile, over the 8 k of one load.
 template <typename T>

@@ -1,27 +1,35 @@
-// W4A16 decode GEMV / skinny GEMM: out[m, n] = sum_k x[m, k] * ((q[n, k] - z[n, g]) * s[n, g]), fp32
-// accumulation, for M <= 8 tokens; plus the dequantize kernel that feeds cuBLAS for more tokens.
-// Weight layout (fusedops/quant.py): qweight int32 [N, K/8], element j of a word in nibble
-// (j % 2) * 4 + j / 2, so one shift + lop3 turns a word into a bf16x2 / fp16x2 pair of consecutive k.
+// W4A16 decode GEMV / skinny GEMM on tensor cores: out[m, n] = epilogue(x[m, :] . W[n, :]) for M <= 16
+// tokens, W[n, k] = (q - z) * s of the row's group rounded to the model dtype (quant.dequantize's value),
+// fp32 accumulation; plus the dequantize kernel that feeds cuBLAS above 16 tokens.
 //
-// Work split: a warp owns kRows weight rows; its lanes stride over K in chunks of 32 k (one 16-byte
-// load per row), kUnroll chunks of every row loaded before any is used (kRows * kUnroll loads in
-// flight per lane). Each x vector (8 k of one token) is converted once and reused by all kRows rows.
-// Lanes finish with a butterfly shuffle reduction; the epilogue rounds like the bf16 HF module
-// (product rounded to the model dtype before the residual add / SiLU).
-#include <type_traits>
-
+// csrc/gemv.cu's design with int4 weights. W rows are the M side of mma.sync m16n8k16, tokens its N side.
+// A lane's 16-byte load of packed int4 is 32 consecutive k of ONE row (rows g and g + 8 of the tile,
+// g = lane / 4), dequantized in registers straight into A fragments; its B fragment is x of token g at the
+// same 32 k (four 16-byte loads), so A and B agree on a permuted k and nothing is shuffled or staged. The
+// 32 k of a load lie in one quantization group (32 | group): one scale and one zero per load.
+//
+// Dequantization (layout in fusedops/quant.py): element j of a word sits in nibble (j % 2) * 4 + j / 2, so
+// lop3((word >> 4i) & 0x000F000F | magic) is the pair (k 2i, 2i + 1) as bf16x2 (128 + q) or fp16x2
+// (1024 + q); sub.bf16x2 by (magic + z) gives the exact integer q - z and mul.bf16x2 by s rounds once.
+// 15 ALU instructions per 8 weights; the tensor cores do every multiply-add, so M = 16 costs about M = 1.
+//
+// A CTA owns 16 outputs (SwiGLU: their 16 gate and 16 up rows); its warps split K round-robin in steps of
+// kStepK and add their fragments through shared memory once, where the epilogue runs in fp32 and rounds
+// once (bias-free linear, + residual, or silu(gate) * up), as csrc/gemv.cu does.
+#include "attention/mma_sm80.cuh"
+#include "common/stream_load.cuh"
 #include "common/vec.cuh"
 
 struct GemvW4Params {
-    void* out;                // [m, n_out], row stride out_stride
-    const void* x;            // [m, k], row stride x_stride (16-byte aligned rows)
+    void* out;                // [m, n_out] rows, row stride out_stride
+    const void* x;            // [m, k] rows, row stride x_stride (16-byte aligned rows)
     const void* qweight;      // int32 [n, k / 8]
     const void* scales;       // [n, k / group]
     const void* zeros;        // [n, k / group] integer-valued, or null: symmetric, z = 8
-    const void* residual;     // [m, n_out], row stride res_stride (residual epilogue only)
-    int64_t m, n, k;          // n: weight rows (gate_up: 2 * n_out)
+    const void* residual;     // [m, n_out] rows or null: out = round(residual + x W^T)
+    int64_t m, n, k;          // n: weight rows (SwiGLU: 2 * n_out, [Wg; Wu])
     int64_t x_stride, out_stride, res_stride;
-    int64_t group;
+    int64_t group_shift;      // log2(group); group is a power of two >= 32
 };
 
 struct DequantW4Params {
@@ -33,219 +41,267 @@ struct DequantW4Params {
 };
 
 namespace fusedops {
+namespace gemv_w4 {
 
-// A warp owns its rows over all of K. H100, 2026-11-25 (perf/notes/int4.md): the CTA's 4 warps splitting
-// K instead measured 14.8 / 54.4 us (q/k/v, gate/up, M = 1) vs 12.2 / 39.3 here; only down_proj
-// (K = 14336, 256 CTAs) gained, 26.5 vs 33.3 us, and the 32-layer step went 4.2 -> 4.5 ms.
-constexpr int kWarps = 4;
-constexpr int kRows = 4;      // weight rows per warp; even, so a SwiGLU warp holds 2 gate + 2 up rows
-constexpr int kUnroll = 2;    // chunks per row loaded ahead: kRows * kUnroll = 8 x 16 B in flight a lane
-constexpr int kChunk = 32;    // k per 16-byte weight load
-
-enum Epilogue { kPlain = 0, kResidual = 1, kSwiGLU = 2 };
-
-template <typename T> struct Half2Of;
-template <> struct Half2Of<__nv_bfloat16> {
-    using type = __nv_bfloat162;
-    static constexpr uint32_t kMagic = 0x43004300u;   // bf16 128.0 in both halves: 128 + q is exact
-    static constexpr float kMagicValue = 128.0f;
+template <typename T> struct Int4Magic;
+template <> struct Int4Magic<__nv_bfloat16> {
+    static constexpr uint32_t kPair = 0x43004300u;  // bf16 128.0 twice: 128 + q is exact (ulp 1 at 128)
+    static constexpr uint16_t kEight = 0x4100;      // bf16 8.0: the symmetric zero point
 };
-template <> struct Half2Of<__half> {
-    using type = __half2;
-    static constexpr uint32_t kMagic = 0x64006400u;   // fp16 1024.0: 1024 + q is exact
-    static constexpr float kMagicValue = 1024.0f;
+template <> struct Int4Magic<__half> {
+    static constexpr uint32_t kPair = 0x64006400u;  // fp16 1024.0 twice: 1024 + q is exact
+    static constexpr uint16_t kEight = 0x4800;      // fp16 8.0
 };
 
+template <typename T> struct Pair;
+template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
+template <> struct Pair<__half> { using type = __half2; };
+
+__device__ __forceinline__ uint32_t splat(uint16_t bits) { return __byte_perm(bits, 0, 0x1010); }
+
 template <typename T>
-__device__ __forceinline__ typename Half2Of<T>::type splat2(float v) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat162_rn(v);
-    else return __float2half2_rn(v);
+__device__ __forceinline__ uint32_t sub_mul(uint32_t a, uint32_t b, uint32_t c) {  // (a - b) * c, paired
+    using P = typename Pair<T>::type;
+    const P r = __hmul2(__hsub2(*reinterpret_cast<const P*>(&a), *reinterpret_cast<const P*>(&b)),
+                        *reinterpret_cast<const P*>(&c));
+    return *reinterpret_cast<const uint32_t*>(&r);
 }
 
 template <typename T>
-__device__ __forceinline__ float2 pair_to_float2(uint32_t bits) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-        return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xffff0000u));
-    } else {
-        return __half22float2(*reinterpret_cast<const __half2*>(&bits));
-    }
+__device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
+    using P = typename Pair<T>::type;
+    const P r = __hadd2(*reinterpret_cast<const P*>(&a), *reinterpret_cast<const P*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
 }
 
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
-    uint32_t r;  // (a & mask) | magic in one instruction: immLut 0xea = (A & B) | C
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(mask), "r"(magic));
-    return r;
-}
+// The scale and the (magic + zero) of one row's group, each in both halves of a register.
+struct GroupPair {
+    uint32_t scale, bias;
+};
 
-// The 8 weights of one word as floats: ((q - z) * s) rounded to T — exactly quant.dequantize's value.
 template <typename T>
-__device__ __forceinline__ void dequant_word(uint32_t word, typename Half2Of<T>::type bias,
-                                             typename Half2Of<T>::type scale, float (&w)[8]) {
-    using H2 = typename Half2Of<T>::type;
+__device__ __forceinline__ GroupPair group_pair(uint16_t scale, uint16_t zero) {
+    return {splat(scale), add2<T>(splat(zero), Int4Magic<T>::kPair)};  // exact: magic + an integer <= 15
+}
+
+// The 4 pairs (k 0-1, 2-3, 4-5, 6-7) of one word as T pairs ((q - z) * s, rounded once).
+template <typename T>
+__device__ __forceinline__ void dequant_word(uint32_t word, const GroupPair& gp, uint32_t (&pairs)[4]) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        uint32_t biased = lop3_and_or(word >> (4 * i), 0x000f000fu, Half2Of<T>::kMagic);
-        H2 v = __hmul2(__hsub2(*reinterpret_cast<H2*>(&biased), bias), scale);
-        float2 f = pair_to_float2<T>(*reinterpret_cast<uint32_t*>(&v));
-        w[2 * i] = f.x;
-        w[2 * i + 1] = f.y;
+        uint32_t biased;  // ((word >> 4i) & 0x000f000f) | magic in one instruction: immLut 0xea = (A & B) | C
+        asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(biased) : "r"(word >> (4 * i)), "r"(0x000f000fu),
+            "r"(Int4Magic<T>::kPair));
+        pairs[i] = sub_mul<T>(biased, gp.bias, gp.scale);
     }
 }
 
-template <typename T>
-__device__ __forceinline__ void load_x8(const T* ptr, float (&xf)[8]) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float2 f = pair_to_float2<T>(words[i]);
-        xf[2 * i] = f.x;
-        xf[2 * i + 1] = f.y;
-    }
+// Scales and zeros are read once per 32 k per row: tiny and shared by the quad, cached.
+__device__ __forceinline__ uint16_t load_u16(const void* ptr) {
+    uint16_t v;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(ptr));
+    return v;
 }
 
-template <typename T>
-__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU>
+struct Traits {
+    using T = T_;
+    static constexpr int kTokenTiles = TOKEN_TILES;      // 8-token mma tiles: M <= 8 * kTokenTiles
+    static constexpr int kWarps = WARPS;                 // split K inside the CTA
+    static constexpr int kUnroll = UNROLL;               // 16-byte loads per W row per lane per step
+    static constexpr bool kSwiglu = SWIGLU;
+    static constexpr int kRowTiles = SWIGLU ? 2 : 1;     // 16-row W tiles per CTA: gate + up, or one
+    static constexpr int kThreads = 32 * kWarps;
+    static constexpr int kLoadK = 32;                    // k in one 16-byte load of packed int4
+    static constexpr int kStepK = 4 * kLoadK * kUnroll;  // k one warp covers per step: 4 lanes x 32 x unroll
+    static constexpr int kFragments = kRowTiles * kTokenTiles * 128;  // accumulator floats per warp
+    static constexpr int kSmemBytes = kWarps * kFragments * 4;
+    static_assert(kSmemBytes <= 48 * 1024, "partial sums must fit static shared memory");
+};
 
-template <typename T, int MT, int EPI>
-__device__ __forceinline__ void gemv_w4(const GemvW4Params& p) {
-    using H2 = typename Half2Of<T>::type;
-    constexpr int kOutRows = EPI == kSwiGLU ? kRows / 2 : kRows;
-    const int lane = threadIdx.x % 32;
-    const int64_t n_out = EPI == kSwiGLU ? p.n / 2 : p.n;
-    const int64_t first_out = (int64_t(blockIdx.x) * kWarps + threadIdx.x / 32) * kOutRows;
-    if (first_out >= n_out) return;
+template <class Tr>
+struct Cta {
+    using T = typename Tr::T;
+    const uint4* w[Tr::kRowTiles][2];      // this lane's W rows (g, g + 8) of each tile, at its 32-k offset
+    const T* scale[Tr::kRowTiles][2];      // the same rows' groups
+    const T* zero[Tr::kRowTiles][2];       // (symmetric: the scales again, replaced by 8 after the load)
+    const T* x[Tr::kTokenTiles];           // this lane's x token (g, g + 8) at its 32-k offset
+    // Two accumulators per tile (the two k16 halves of a word): an mma waits for the one before it into the
+    // same registers, and in-order issue holds the warp's next loads behind the whole chain.
+    float acc[Tr::kRowTiles][2 * Tr::kTokenTiles][4];
 
-    int64_t row[kRows];
-    bool valid[kRows];
+    // One step of Tr::kStepK k starting at k0. CHECK: the step may run past K (the last, partial one); K is
+    // a multiple of 32, so a load is all in or all out. An out-of-range lane reads its row's first 32 k and
+    // group (finite weights) and zeroes x; no load is skipped, so a step's loads issue together. Tokens past
+    // M read token 0: an mma column depends only on its own token, and those columns are never stored.
+    template <bool CHECK>
+    __device__ __forceinline__ void step(int64_t k0, const GemvW4Params& p) {
+        const int quad = threadIdx.x & 3;
+        uint4 wv[Tr::kRowTiles][2][Tr::kUnroll], xv[Tr::kTokenTiles][Tr::kUnroll][4];
+        uint16_t sv[Tr::kRowTiles][2][Tr::kUnroll], zv[Tr::kRowTiles][2][Tr::kUnroll];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-        const int64_t out_row = first_out + r % kOutRows;
-        valid[r] = out_row < n_out;
-        row[r] = (EPI == kSwiGLU && r >= kOutRows) ? n_out + out_row : out_row;
-    }
-    const int64_t groups = p.k / p.group, chunks = p.k / kChunk;
-    const uint4* qw = static_cast<const uint4*>(p.qweight);
-    const T* scales = static_cast<const T*>(p.scales);
-    const T* zeros = static_cast<const T*>(p.zeros);
-    const T* x = static_cast<const T*>(p.x);
-
-    float acc[kRows][MT];
+        for (int u = 0; u < Tr::kUnroll; ++u) {
+            const int64_t ku = k0 + 4 * Tr::kLoadK * u;  // the quad's first k of load u
+            const bool in = !CHECK || ku + Tr::kLoadK * quad < p.k;
+            const int64_t at = in ? ku / Tr::kLoadK : -quad, group = in ? (ku + Tr::kLoadK * quad) >> p.group_shift : 0;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r)
+            for (int j = 0; j < Tr::kRowTiles; ++j)
 #pragma unroll
-        for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
-
-    for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-        uint4 wq[kUnroll][kRows];
-        H2 scale[kUnroll][kRows], bias[kUnroll][kRows];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int64_t c = c0 + 32 * u;
-#pragma unroll
-            for (int r = 0; r < kRows; ++r) {
-                const bool live = valid[r] && c < chunks;
-                wq[u][r] = live ? __ldg(qw + row[r] * chunks + c) : make_uint4(0, 0, 0, 0);
-                const int64_t g = row[r] * groups + (live ? c * kChunk / p.group : 0);
-                const float s = live ? to_float(__ldg(scales + g)) : 0.f;
-                const float z = zeros != nullptr && live ? to_float(__ldg(zeros + g)) : 8.f;
-                scale[u][r] = splat2<T>(s);
-                bias[u][r] = splat2<T>(Half2Of<T>::kMagicValue + z);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int64_t c = c0 + 32 * u;
-            if (c >= chunks) break;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float w[kRows][8];
-#pragma unroll
-                for (int r = 0; r < kRows; ++r) {
-                    const uint32_t word = j == 0 ? wq[u][r].x : j == 1 ? wq[u][r].y : j == 2 ? wq[u][r].z : wq[u][r].w;
-                    dequant_word<T>(word, bias[u][r], scale[u][r], w[r]);
+                for (int h = 0; h < 2; ++h) {
+                    wv[j][h][u] = load_weight(w[j][h] + at);
+                    sv[j][h][u] = load_u16(scale[j][h] + group);
+                    zv[j][h][u] = load_u16(zero[j][h] + group);
                 }
+            const int64_t x_at = in ? ku : -Tr::kLoadK * quad;
 #pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    if (m >= p.m) break;
-                    float xf[8];
-                    load_x8(x + m * p.x_stride + c * kChunk + j * 8, xf);
+            for (int t = 0; t < Tr::kTokenTiles; ++t)
 #pragma unroll
-                    for (int r = 0; r < kRows; ++r)
+                for (int i = 0; i < 4; ++i) xv[t][u][i] = load_x(x[t] + x_at + 8 * i);
+            if (!in) {
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(w[r][e], xf[e], acc[r][m]);
-                }
+                for (int t = 0; t < Tr::kTokenTiles; ++t)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) xv[t][u][i] = make_uint4(0, 0, 0, 0);  // its W products vanish
             }
         }
-    }
-
+        __syncwarp();  // loads stay above, mmas below: ptxas otherwise interleaves them (csrc/gemv.cu)
+        const bool symmetric = p.zeros == nullptr;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r)
+        for (int u = 0; u < Tr::kUnroll; ++u)
 #pragma unroll
-        for (int m = 0; m < MT; ++m)
+            for (int j = 0; j < Tr::kRowTiles; ++j) {
+                GroupPair gp[2];
 #pragma unroll
-            for (int off = 16; off > 0; off /= 2) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
-
-    T* out = static_cast<T*>(p.out);
-    const T* residual = static_cast<const T*>(p.residual);
-    // Output (r, m) is written by lane (r * MT + m) % 32: the stores spread over the warp.
+                for (int h = 0; h < 2; ++h)
+                    gp[h] = group_pair<T>(sv[j][h][u], symmetric ? Int4Magic<T>::kEight : zv[j][h][u]);
 #pragma unroll
-    for (int r = 0; r < kOutRows; ++r) {
+                for (int word = 0; word < 4; ++word) {
+                    uint32_t lo[4], hi[4];  // rows g and g + 8, k 8 word + 0..7 of this lane's 32
+                    dequant_word<T>((&wv[j][0][u].x)[word], gp[0], lo);
+                    dequant_word<T>((&wv[j][1][u].x)[word], gp[1], hi);
+                    const uint32_t a_lo[4] = {lo[0], hi[0], lo[1], hi[1]}, a_hi[4] = {lo[2], hi[2], lo[3], hi[3]};
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-            if (m >= p.m || !valid[r] || lane != (r * MT + m) % 32) continue;
-            const int64_t o = first_out + r;
-            float y = round_to<T>(acc[r][m]);
-            if constexpr (EPI == kResidual) {
-                y += to_float(residual[m * p.res_stride + o]);
-            } else if constexpr (EPI == kSwiGLU) {
-                const float silu = round_to<T>(y / (1.f + __expf(-y)));
-                y = silu * round_to<T>(acc[r + kOutRows][m]);
+                    for (int t = 0; t < Tr::kTokenTiles; ++t) {
+                        const uint4& xw = xv[t][u][word];  // token g, the same 8 k
+                        attn::MmaOp<T>::run(acc[j][2 * t], a_lo, xw.x, xw.y);
+                        attn::MmaOp<T>::run(acc[j][2 * t + 1], a_hi, xw.z, xw.w);
+                    }
+                }
             }
-            out[m * p.out_stride + o] = from_float<T>(y);
+    }
+};
+
+template <class Tr>
+__device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
+    using T = typename Tr::T;
+    __shared__ float partial[Tr::kWarps][Tr::kFragments];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, quad = lane & 3;
+    const int64_t n_out = Tr::kSwiglu ? p.n / 2 : p.n;
+    const int64_t col0 = static_cast<int64_t>(blockIdx.x) * 16;
+    const int64_t loads_per_row = p.k / Tr::kLoadK, groups = p.k >> p.group_shift;
+
+    Cta<Tr> cta;
+#pragma unroll
+    for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            // Rows past n_out (last CTA) read row n_out - 1 of their half and are never stored.
+            const int64_t row = min(col0 + g + 8 * h, n_out - 1) + j * n_out;
+            cta.w[j][h] = static_cast<const uint4*>(p.qweight) + row * loads_per_row + quad;
+            cta.scale[j][h] = static_cast<const T*>(p.scales) + row * groups;
+            cta.zero[j][h] = static_cast<const T*>(p.zeros ? p.zeros : p.scales) + row * groups;
+        }
+#pragma unroll
+    for (int t = 0; t < Tr::kTokenTiles; ++t) {
+        const int token = g + 8 * t;
+        cta.x[t] = static_cast<const T*>(p.x) + (token < p.m ? token : 0) * p.x_stride + Tr::kLoadK * quad;
+    }
+    attn::zero_fragments(cta.acc);
+
+    // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
+    const int64_t full_steps = p.k / Tr::kStepK;
+    for (int64_t s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(s * Tr::kStepK, p);
+    if (p.k % Tr::kStepK && full_steps % Tr::kWarps == warp) cta.template step<true>(full_steps * Tr::kStepK, p);
+
+#pragma unroll
+    for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+        for (int t = 0; t < Tr::kTokenTiles; ++t)
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                partial[warp][((j * Tr::kTokenTiles + t) * 32 + lane) * 4 + c] =
+                    cta.acc[j][2 * t][c] + cta.acc[j][2 * t + 1][c];
+    __syncthreads();
+
+    // Accumulator element i of a token tile: lane i/4 holds rows (lane/4, +8 for c >= 2), tokens 2(lane%4) + c%2.
+    for (int i = threadIdx.x; i < Tr::kTokenTiles * 128; i += Tr::kThreads) {
+        const int t = i >> 7, e = i & 127, c = e & 3, ln = e >> 2;
+        const int64_t token = 8 * t + 2 * (ln & 3) + (c & 1);
+        const int64_t col = col0 + (ln >> 2) + (c & 2 ? 8 : 0);
+        if (token >= p.m || col >= n_out) continue;
+        float sum[Tr::kRowTiles];
+#pragma unroll
+        for (int j = 0; j < Tr::kRowTiles; ++j) {
+            sum[j] = 0.f;
+#pragma unroll
+            for (int w = 0; w < Tr::kWarps; ++w) sum[j] += partial[w][(j * Tr::kTokenTiles + t) * 128 + e];
+        }
+        T* out = static_cast<T*>(p.out) + token * p.out_stride + col;
+        if constexpr (Tr::kSwiglu) {
+            const float gate = sum[0], up = sum[1];  // silu(gate) * up from the fp32 sums, rounded once
+            *out = from_float<T>(gate / (1.f + __expf(-gate)) * up);
+        } else {
+            float y = sum[0];
+            if (p.residual) y += to_float(static_cast<const T*>(p.residual)[token * p.res_stride + col]);
+            *out = from_float<T>(y);
         }
     }
 }
 
-// One thread per word: 8 weights -> one 16-byte store of ((q - z) * s) in T.
+// One thread per word: 8 weights -> one 16-byte store of ((q - z) * s) in T, the GEMV's values.
 template <typename T>
 __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
     const int64_t words_per_row = p.k / 8;
-    const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= p.n * words_per_row) return;
-    const int64_t row = idx / words_per_row, g = row * (p.k / p.group) + (idx % words_per_row) * 8 / p.group;
-    const float s = to_float(static_cast<const T*>(p.scales)[g]);
-    const float z = p.zeros != nullptr ? to_float(static_cast<const T*>(p.zeros)[g]) : 8.f;
-    float w[8];
-    dequant_word<T>(static_cast<const uint32_t*>(p.qweight)[idx], splat2<T>(Half2Of<T>::kMagicValue + z),
-                    splat2<T>(s), w);
-    Vec<T, 8> v;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v.v[e] = from_float<T>(w[e]);  // exact: w already holds T values
-    store_vec(static_cast<T*>(p.out) + idx * 8, v);
+    const int64_t row = idx / words_per_row, group = row * (p.k / p.group) + (idx % words_per_row) * 8 / p.group;
+    const uint16_t* scales = static_cast<const uint16_t*>(p.scales);
+    const uint16_t zero = p.zeros ? static_cast<const uint16_t*>(p.zeros)[group] : Int4Magic<T>::kEight;
+    uint32_t pairs[4];
+    dequant_word<T>(static_cast<const uint32_t*>(p.qweight)[idx], group_pair<T>(scales[group], zero), pairs);
+    reinterpret_cast<uint4*>(p.out)[idx] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
 }
 
+}  // namespace gemv_w4
 }  // namespace fusedops
 
-// min 1 CTA an SM: without it ptxas held the SwiGLU m4 tile to 128 registers and spilled 8 bytes (the others
-// already used 124-156 registers); with it no variant spills (101-158 registers).
-#define FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, MT)                                                        \
-    extern "C" __global__ void __launch_bounds__(fusedops::kWarps * 32, 1)                                  \
-        gemv_w4_##EPI_NAME##_##NAME##_m##MT(const __grid_constant__ GemvW4Params p) {                       \
-        fusedops::gemv_w4<T, MT, fusedops::EPI>(p);                                                         \
+// Instantiations: gemv_w4_<linear|swiglu>_<dtype>_m<8|16>_w<warps>_u<loads a step>_b<min CTAs an SM>, the table
+// fusedops/ops/gemm_w4.py TUNINGS. The min-CTA bound sets ptxas' register cap: each entry is the tightest cap
+// (most resident warps) that spilled nothing for its (warps, loads) at sm_90a; left free, ptxas used 95-220
+// registers (one CTA an SM for 8 x 2) or spilled 8 bytes under its own choice (8 x 1, linear m8).
+#define FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U, B)                              \
+    extern "C" __global__ void __launch_bounds__(32 * W, B)                                                   \
+        gemv_w4_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U##_b##B(const __grid_constant__ GemvW4Params p) {    \
+        fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU>>(p);              \
     }
-#define FUSEDOPS_GEMV_W4_TILES(T, NAME, EPI, EPI_NAME)                                                      \
-    FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, 1)                                                             \
-    FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, 2)                                                             \
-    FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, 4)                                                             \
-    FUSEDOPS_GEMV_W4(T, NAME, EPI, EPI_NAME, 8)
-#define FUSEDOPS_W4_DTYPE(T, NAME)                                                                          \
-    FUSEDOPS_GEMV_W4_TILES(T, NAME, kPlain, linear)                                                         \
-    FUSEDOPS_GEMV_W4_TILES(T, NAME, kResidual, residual)                                                    \
-    FUSEDOPS_GEMV_W4_TILES(T, NAME, kSwiGLU, swiglu)                                                        \
-    extern "C" __global__ void __launch_bounds__(256) dequant_w4_##NAME(const __grid_constant__ DequantW4Params p) { \
-        fusedops::dequant_w4<T>(p);                                                                         \
+#define FUSEDOPS_GEMV_W4_DTYPE(T, SUFFIX)                                                                     \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4)                                          \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2)                                          \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2)                                         \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3)                                          \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 3)                                         \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 16, 1, 1)                                        \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 4)                                         \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 3)                                           \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 2, 2)                                           \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 4)                                           \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 16, 1, 1)                                          \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2)                                          \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 2, 2)                                          \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 16, 1, 1)                                         \
+    extern "C" __global__ void __launch_bounds__(256) dequant_w4_##SUFFIX(const __grid_constant__ DequantW4Params p) { \
+        fusedops::gemv_w4::dequant_w4<T>(p);                                                                  \
     }
 
-FUSEDOPS_W4_DTYPE(__nv_bfloat16, bf16)
-FUSEDOPS_W4_DTYPE(__half, fp16)
+FUSEDOPS_GEMV_W4_DTYPE(__nv_bfloat16, bf16)
+FUSEDOPS_GEMV_W4_DTYPE(__half, fp16)

@@ -1,7 +1,8 @@
-"""int4 weight-only (W4A16) decode: per-GEMM kernel GB/s vs copy bandwidth and vs the bf16 cuBLAS GEMM
-(Llama-3-8B shapes, M = 1/4/8/16, CUDA-graph replay, weights cycled through more than L2), the prefill
-route (dequantize + cuBLAS vs the GEMV) and end to end: fusedops bf16 vs fusedops int4 decode on a
-Llama-3-8B-shape model (random weights, StaticCache, CUDA graphs), roofline, logits error, greedy agreement.
+"""int4 weight-only (W4A16) decode: per-GEMM kernel GB/s vs copy bandwidth, vs the bf16 cuBLAS GEMM and
+the bf16 fusedops GEMV (Llama-3-8B shapes, M = 1/4/8/16, CUDA-graph replay, weights cycled through more
+than L2), every compiled tuning of the int4 GEMV, the other route at M = 16 (dequantize + cuBLAS), the
+prefill route, and end to end: fusedops bf16 vs fusedops int4 decode on a Llama-3-8B-shape model (random
+weights, StaticCache, CUDA graphs), roofline, logits error, greedy agreement.
 
     python3 perf/bench_w4.py [--part kernels|e2e|all] [--layers 32] [--steps 64]
 """
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from common import copy_bandwidth_gbs, table, time_graph
 
 from fusedops import quant
-from fusedops.ops import gemm_w4
+from fusedops.ops import gemm_w4, gemv
 
 OPS = torch.ops.fusedops
 SHAPES = [("q/k/v", 6144, 4096, "linear"), ("o_proj", 4096, 4096, "linear_residual"),
@@ -51,8 +52,28 @@ def int4_call(op, x, q, res):
     return lambda: OPS.gate_up_silu_w4(x, *q)
 
 
-def kernels(copy_gbs: float) -> list[dict]:
-    rows = []
+def tuned_call(op, x, q, res, out, tuning):
+    """The int4 GEMV kernel alone with one compiled tuning (no op dispatch, preallocated output)."""
+    r = res if op == "linear_residual" else None
+    return lambda: gemm_w4.launch_gemv(op, x, q.qweight, q.scales, q.zeros, q.group, out, r, tuning)
+
+
+def bf16_gemv_call(op, x, w, res):
+    """The bf16 fusedops path at decode sizes (csrc/gemv.cu) on the same projection."""
+    if op == "linear":
+        return lambda: gemv.gemv_linear(x, w)
+    if op == "linear_residual":
+        return lambda: gemv.gemv_linear(x, w, residual=res)
+    return lambda: gemv.gemv_gate_up_silu(x, w, w.shape[0] // 2)
+
+
+def time_cycled(make, copies, per_copy_calls=4):
+    fn, calls = cycled([make(c) for c in copies])
+    return time_graph(fn, calls=calls * per_copy_calls)
+
+
+def kernels(copy_gbs: float) -> tuple[list[dict], list[dict]]:
+    rows, sweep = [], []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, n, k, op in SHAPES:
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
@@ -61,28 +82,34 @@ def kernels(copy_gbs: float) -> list[dict]:
         q_copies = [quant.QuantizedWeight(q.qweight.clone(), q.scales.clone(), q.zeros.clone(), q.group)
                     for _ in range(copies_for(qbytes))]
         w_copies = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+        kind = gemm_w4.KINDS[op]
+        n_out = n // 2 if op == "gate_up_silu" else n
         for m in TOKENS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-            fn, calls = cycled([int4_call(op, x, qc, res) for qc in q_copies])
-            t4 = time_graph(fn, calls=calls * 4)
-            fn, calls = cycled([lambda wc=wc: F.linear(x, wc) for wc in w_copies])
-            t16 = time_graph(fn, calls=calls * 4)
-            n_out = n // 2 if op == "gate_up_silu" else n
+            res = torch.randn(m, n_out, device="cuda", dtype=torch.bfloat16)
             moved = qbytes + x.numel() * 2 + m * n_out * 2 * (2 if op == "linear_residual" else 1)
+            t4 = time_cycled(lambda qc: int4_call(op, x, qc, res), q_copies)
+            t16 = time_cycled(lambda wc: lambda: F.linear(x, wc), w_copies)
+            tg = time_cycled(lambda wc: bf16_gemv_call(op, x, wc, res), w_copies)
             route = "GEMV" if m <= gemm_w4.MAX_GEMV_TOKENS else "dequant+cuBLAS"
             row = {"GEMM": name, "N x K": f"{n}x{k}", "M": m, "int4 route": route, "int4 µs": t4,
-                   "int4 GB/s": moved / t4 / 1e3,
-                   "% copy": 100 * moved / t4 / 1e3 / copy_gbs, "bf16 cuBLAS µs": t16,
-                   "bf16 GB/s": n * k * 2 / t16 / 1e3, "x bf16": f"{t16 / t4:.2f}", "dequant+cuBLAS µs": "-"}
-            if m == gemm_w4.MAX_GEMV_TOKENS:  # the other route at the GEMV's largest M: which is faster
-                fn, calls = cycled([lambda qc=qc: F.linear(x, gemm_w4.dequantize_cuda(*qc, torch.bfloat16))
-                                    for qc in q_copies])
-                row["dequant+cuBLAS µs"] = time_graph(fn, calls=calls * 2)
+                   "int4 GB/s": moved / t4 / 1e3, "% copy": 100 * moved / t4 / 1e3 / copy_gbs,
+                   "bf16 cuBLAS µs": t16, "x cuBLAS": f"{t16 / t4:.2f}", "bf16 GEMV µs": tg,
+                   "x bf16 GEMV": f"{tg / t4:.2f}", "dequant+cuBLAS µs": "-"}
+            if m == TOKENS[-1]:  # the other route at the largest decode M: which is faster
+                row["dequant+cuBLAS µs"] = time_cycled(
+                    lambda qc: lambda: F.linear(x, gemm_w4.dequantize_cuda(*qc, torch.bfloat16)), q_copies, 2)
             rows.append(row)
+            out = torch.empty(m, n_out, device="cuda", dtype=torch.bfloat16)
+            tile = gemm_w4.token_tile(m)
+            for tuning in gemm_w4.TUNINGS[kind, tile]:
+                t = time_cycled(lambda qc: tuned_call(op, x, qc, res, out, tuning), q_copies)
+                sweep.append({"GEMM": name, "M": m, "warps x loads, min CTAs": "%d x %d, %d" % tuning,
+                              "default": "yes" if tuning == gemm_w4.TUNING[kind, tile] else "", "µs": t,
+                              "% copy": 100 * moved / t / 1e3 / copy_gbs})
         del q_copies, w_copies, w
         torch.cuda.empty_cache()
-    return rows
+    return rows, sweep
 
 
 def prefill_route() -> list[dict]:
@@ -100,7 +127,15 @@ def prefill_route() -> list[dict]:
     return rows
 
 
-def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b") -> list[dict]:
+VARIANTS = {"bf16": ("fusedops bf16", {}), "int4": ("fusedops int4", {"weights": "int4"}),
+            "int4_lm_head": ("fusedops int4 + int4 lm_head", {"weights": "int4", "int4_lm_head": True}),
+            "round_trip": ("fusedops bf16, weights = int4 round trip (lm_head bf16)", {})}
+
+
+def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
+        names: tuple[str, ...] = tuple(VARIANTS)) -> list[dict]:
+    """names: VARIANTS keys, bf16 first (the reference); round_trip (bf16 kernels on the int4 round-trip
+    weights, compared with int4's logits: the int4 kernels' own error) last and after int4."""
     from fusedops.perf.measure import CachePool, StepClock, forward, parity_logits, random_tokens
     from fusedops.perf.models import cast_parameters, describe, preset_config, random_model
 
@@ -112,12 +147,10 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b") -> 
     prompt = random_tokens((1, 16), model.config.vocab_size, device, 1)
     context = random_tokens((1, CONTEXT), model.config.vocab_size, device, 2)
     results, ref = [], {}
-    variants = [("fusedops bf16", {}), ("fusedops int4", {"weights": "int4"}),
-                ("fusedops int4 + int4 lm_head", {"weights": "int4", "int4_lm_head": True}),
-                ("fusedops bf16, weights = int4 round trip (lm_head bf16)", {})]
+    variants = [VARIANTS[n] for n in names]
     for label, options in variants:
         torch._dynamo.reset()
-        if label == variants[-1][0]:  # same weights as "fusedops int4": isolates the kernels' own error
+        if label == VARIANTS["round_trip"][0]:  # same weights as "fusedops int4": the kernels' own error
             dequantize_linears(model)
             ref["logits"], ref["argmax"] = ref["int4"], ref["int4"][:-1].argmax(-1)
         fn = torch.compile(model, backend="fusedops", options={"clone_outputs": False, **options})
@@ -155,6 +188,8 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b") -> 
         step_ms = sum(clock.intervals_ms()) / steps
         results.append(dict(label=label, step_ms=step_ms, rel=rel, agree=agree, compile_s=compile_s,
                             weight_bytes=streamed_bytes(model, facts, options)))
+        print(f"{label}: {step_ms:.3f} ms a step, logits rel err {rel:.3e}, agree {100 * agree:.1f} %, "
+              f"compile + parity {compile_s:.1f} s", flush=True)
     kv = 2 * facts["layers"] * facts["kv_heads"] * (CONTEXT + steps / 2) * facts["head_dim"] * 2
     base = results[0]["step_ms"]
     return [{"decode b=1 (%d layers)" % layers: r["label"], "step ms": r["step_ms"], "tok/s": 1e3 / r["step_ms"],
@@ -192,15 +227,19 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--preset", default="llama3-8b", help="fusedops.perf.models preset for --part e2e")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="e2e variants, comma-separated, bf16 first")
     args = parser.parse_args()
     copy_gbs = copy_bandwidth_gbs()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     if args.part in ("kernels", "all"):
-        table(kernels(copy_gbs), f"int4 GEMV vs bf16 cuBLAS (graph replay, copy {copy_gbs:.0f} GB/s)", "bench_w4_kernels.md")
+        rows, sweep = kernels(copy_gbs)
+        table(sweep, "int4 GEMV tunings (kernel alone, graph replay)", "bench_w4_tunings.md")
+        table(rows, f"int4 ops vs bf16 cuBLAS and the bf16 GEMV (graph replay, copy {copy_gbs:.0f} GB/s)",
+              "bench_w4_kernels.md")
         table(prefill_route(), "int4 above the GEMV range: dequantize + cuBLAS", "bench_w4_prefill.md")
     if args.part in ("e2e", "all"):
-        table(e2e(args.layers, args.steps, copy_gbs, args.preset), f"{args.preset} shape decode, batch 1 (copy {copy_gbs:.0f} GB/s)",
-              "bench_w4_e2e.md")
+        rows = e2e(args.layers, args.steps, copy_gbs, args.preset, tuple(args.variants.split(",")))
+        table(rows, f"{args.preset} shape decode, batch 1 (copy {copy_gbs:.0f} GB/s)", "bench_w4_e2e.md")
 
 
 if __name__ == "__main__":

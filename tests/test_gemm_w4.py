@@ -1,6 +1,10 @@
 """fusedops/ops/gemm_w4.py + csrc/gemv_w4.cu: the int4 projections against float64 math on the
-dequantized weight (CPU reference, fake impl, error paths, PTX; GPU sweep and CUDA-graph replay)."""
+dequantized weight (CPU reference, fake impl, error paths, build: no spills, PTX/SASS instructions and
+load order; GPU sweep of every tuning with NaN-poisoned outputs, and CUDA-graph replay)."""
+import os
 import random
+import re
+import shutil
 
 import pytest
 import torch
@@ -21,21 +25,18 @@ def problem(m, n, k, dtype, device="cpu", symmetric=False, seed=0, group=128):
     x = torch.randn(m, k, generator=gen).to(dtype)
     w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
     res = torch.randn(m, n, generator=gen).to(dtype)
-    q = quant.quantize(w, group, symmetric)
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return x.to(device), quant.QuantizedWeight(to(q.qweight), to(q.scales), to(q.zeros), group), res.to(device)
+    return x.to(device), quant.quantize(w.to(device), group, symmetric), res.to(device)
 
 
 def expected(op, x, q, res):
-    """float64 math on the dequantized weight, HF's rounding of each product to the model dtype."""
-    w = quant.dequantize(*q).double().cpu()
-    y = x.double().cpu() @ w.T
+    """float64 math on the dequantized weight (on x's device), no rounding in between."""
+    y = x.double() @ quant.dequantize(*q).double().T
     if op == "linear":
         return y
     if op == "linear_residual":
-        return res.double().cpu() + y.to(x.dtype).double()
+        return res.double() + y
     g, u = y.chunk(2, -1)
-    return F.silu(g.to(x.dtype).double()) * u.to(x.dtype).double()
+    return F.silu(g) * u
 
 
 def run(op, x, q, res):
@@ -100,34 +101,70 @@ def test_errors_name_the_argument():
             call()
 
 
-def test_m_tile_routing():
-    assert [gemm_w4.m_tile(m) for m in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+def test_kernel_names_route_token_tiles_and_tunings():
+    assert [gemm_w4.token_tile(m) for m in (1, 8, 9, 16)] == [8, 8, 16, 16]
+    for (kind, tile), tuning in gemm_w4.TUNING.items():
+        assert tuning in gemm_w4.TUNINGS[kind, tile]
+    assert gemm_w4.kernel_name("swiglu", torch.float16, 3, (16, 1, 1)) == "gemv_w4_swiglu_fp16_m8_w16_u1_b1"
+    assert gemm_w4.kernel_name("linear", torch.bfloat16, 9, (4, 2, 4)) == "gemv_w4_linear_bf16_m16_w4_u2_b4"
+    with pytest.raises(ValueError, match="^tuning:"):
+        gemm_w4.kernel_name("linear", torch.bfloat16, 16, (8, 1, 4))  # compiled for m8 only
+
+
+def _has_cuobjdump():
+    return shutil.which("cuobjdump") or os.path.exists(os.path.join(os.path.dirname(compiler.nvcc_path() or ""),
+                                                                      "cuobjdump"))
+
+
+def _first_mma_after(body, load, mma):
+    """How many `load`s precede the first `mma` in one kernel's text."""
+    return body[:body.index(mma)].count(load)
 
 
 @pytest.mark.nvcc
-def test_ptx_unpacks_in_registers():
+def test_build_has_every_tuning_no_spills_and_loads_before_mmas():
+    cubin = compiler.build(gemm_w4.SOURCE, "sm_90a")
+    log = cubin.with_name(cubin.name + ".log").read_text()
+    entries = set(re.findall(r"Compiling entry function '(\w+)'", log))
+    wanted = {gemm_w4.kernel_name(kind, dtype, tile, tuning) for (kind, tile), tunings in gemm_w4.TUNINGS.items()
+              for dtype in gemm_w4.DTYPES for tuning in tunings}
+    assert wanted <= entries, f"missing kernels: {sorted(wanted - entries)}"
+    assert len(re.findall(r"\b0 bytes spill stores", log)) == len(entries), "a gemv_w4 kernel spills"
     ptx = compiler.emit_ptx(gemm_w4.SOURCE, "sm_90a")
-    body = ptx.split(".entry gemv_w4_linear_bf16_m1")[1].split(".entry")[0]
+    name = "gemv_w4_linear_bf16_m8_w8_u2_b2"
+    body = ptx.split(f".entry {name}")[1].split(".entry")[0]
     assert "lop3.b32" in body and "0xea" in body          # (nibbles & mask) | magic in one lop3
-    assert "sub.bf16x2" in body and "mul.bf16x2" in body  # (128+q) - (128+z), times s: paired bf16
-    assert "ld.global.nc.v4" in body                      # 16-byte weight and x loads
-    assert "shfl.sync.bfly" in body and "fma.rn.f32" in body
+    assert "sub.bf16x2" in body and "mul.bf16x2" in body  # (128+q) - (128+z), times s: paired bf16, exact
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in body
+    assert "shfl" not in body                             # A and B fragments agree on k without shuffles
+    # a step's 2 rows x 2 loads of W are all issued before its first mma
+    assert _first_mma_after(body, "ld.global.nc.L1::no_allocate.L2::256B.v4.u32", "mma.sync") >= 4
+    if _has_cuobjdump():
+        sass = compiler.disassemble(cubin).split(f"Function : {name}")[1].split("Function :")[0]
+        assert "HMMA.16816.F32.BF16" in sass
+        assert _first_mma_after(sass, "LDG.E.NA.LTC256B.128", "HMMA") >= 4, "W loads interleaved with the mmas"
 
 
 # ---------------------------------------------------------------- GPU
 
-def check_case(op, m, n, k, dtype, symmetric, seed, group=128):
+def check_case(op, m, n, k, dtype, symmetric, seed, group=128, x_pad=0):
     x, q, res = problem(m, n, k, dtype, "cuda", symmetric, seed, group)
+    if x_pad:  # strided rows: x a view into wider rows
+        x = torch.cat([x, torch.zeros(m, x_pad, dtype=dtype, device="cuda")], 1)[:, :k]
     ref = expected(op, x, q, res)
+    bar = max(2 * rel_err(torch_same_dtype(op, x, q, res), ref), 1e-5)
     out = run(op, x, q, res)
-    torch_err = rel_err(torch_same_dtype(op, x, q, res), ref)
     err = rel_err(out, ref)
-    assert err <= max(2 * torch_err, 1e-5) and err <= MAX_ERR[dtype], (op, m, n, k, dtype, symmetric, err, torch_err)
-    # the same again into NaN-poisoned memory through the launcher (catches unwritten outputs)
-    if m <= gemm_w4.MAX_GEMV_TOKENS:
+    assert err <= bar and err <= MAX_ERR[dtype], (op, m, n, k, dtype, symmetric, group, err, bar)
+    if m > gemm_w4.MAX_GEMV_TOKENS or group & (group - 1):
+        return
+    # every compiled tuning, into NaN-poisoned memory (catches unwritten outputs)
+    for tuning in gemm_w4.TUNINGS[gemm_w4.KINDS[op], gemm_w4.token_tile(m)]:
         out2 = poison_(torch.empty_like(out))
-        gemm_w4.launch_gemv(op, x, q.qweight, q.scales, q.zeros, q.group, out2, res if op == "linear_residual" else None)
-        assert torch.equal(out2, out), (op, m, n, k)
+        gemm_w4.launch_gemv(op, x, q.qweight, q.scales, q.zeros, q.group, out2,
+                            res if op == "linear_residual" else None, tuning)
+        err = rel_err(out2, ref)
+        assert err <= bar and err <= MAX_ERR[dtype], (op, m, n, k, dtype, symmetric, group, tuning, err, bar)
 
 
 @pytest.mark.gpu
@@ -135,11 +172,12 @@ def test_random_sweep_vs_float64():
     rng = random.Random(6)
     for seed in range(160):
         op = rng.choice(["linear", "linear_residual", "gate_up_silu"])
-        m = rng.choice([1, 2, 3, 4, 5, 8, 11, 16, rng.randint(17, 80)])
-        k = rng.choice([128, 256, 4096, 14336, 128 * rng.randint(1, 40)])
+        m = rng.choice([1, 2, 3, 4, 5, 8, 9, 11, 16, rng.randint(1, 16), rng.randint(17, 80)])
+        k = rng.choice([128, 256, 4096, 14336, 128 * rng.randint(1, 40), 32 * rng.randint(1, 40)])
         n = rng.choice([2, 8, 64, 6144, 2 * rng.randint(1, 700)])
+        groups = [g for g in (32, 64, 128, 128, 256, 96) if k % g == 0]
         check_case(op, m, n, k, rng.choice([torch.bfloat16, torch.float16]), rng.random() < 0.3, seed,
-                   rng.choice([128, 128, 64, 256]) if k % 256 == 0 else 128)
+                   rng.choice(groups), 8 * rng.randint(1, 4) if rng.random() < 0.2 else 0)
 
 
 @pytest.mark.gpu

@@ -5,13 +5,13 @@
     fusedops::gate_up_silu_w4(x, qweight, scales, zeros, group)               silu(x Wg^T) * (x Wu^T)
 
 W = quant.dequantize(qweight, scales, zeros, group) (rounded to the model dtype), zeros None means
-symmetric; gate_up_silu_w4's qweight packs [Wg; Wu] (gate rows first, block = I). Every product is
-rounded to the model dtype before the residual add / SiLU, as the bf16 ops (fusedops/ops/gemm.py) do.
+symmetric; gate_up_silu_w4's qweight packs [Wg; Wu] (gate rows first, block = I). The CPU references
+round like the bf16 ops' references (HF order); the CUDA kernels, like the bf16 GEMV, add the residual and
+form silu(g) * u from the fp32 sums and round once.
 
-CUDA: up to MAX_GEMV_TOKENS tokens run the GEMV kernel (the smallest M tile >= M); more tokens
-dequantize the weight into a scratch tensor and run cuBLAS. The GEMV does its multiply-adds on CUDA
-cores, so from M ~ 16 it is compute-bound and dequantize + cuBLAS (tensor cores, 2.5 extra bytes
-a weight) wins; prefill is compute-bound anyway.
+CUDA: up to MAX_GEMV_TOKENS tokens (and a power-of-two group) run the tensor-core GEMV, one 8-token mma
+tile for M <= 8, two up to 16; more tokens dequantize the weight into a scratch tensor and run cuBLAS
+(prefill is compute-bound anyway).
 """
 from __future__ import annotations
 
@@ -27,14 +27,20 @@ from ._launch import DTYPE_SUFFIX, check_cuda, check_dtype, check_same_dtype, ke
 from .gemm import gate_up_silu_reference
 
 SOURCE = register_source("gemv_w4", "gemv_w4.cu")
-M_TILES = (1, 2, 4, 8)              # the gemv_w4_*_m<MT> instantiations
-# Above 8 tokens: dequantize + cuBLAS. H100 graph replay, 2026-11-25 (perf/notes/int4.md, run 1), M = 16:
-# GEMV 97 / 57 / 325 / 204 us vs dequant + cuBLAS 42 / 29 / 200 / 105 us (q/k/v, o, gate/up, down).
-MAX_GEMV_TOKENS = M_TILES[-1]
-WARPS, ROWS = 4, 4                  # kWarps / kRows in csrc/gemv_w4.cu: one warp per ROWS weight rows
+MAX_GEMV_TOKENS = 16                # two 8-token mma tiles (the gemv_w4_*_m16 kernels)
+ROWS_PER_CTA = 16                   # outputs a CTA owns (SwiGLU: their 16 gate + 16 up rows)
+# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap) compiled per
+# (kind, token tile) in csrc/gemv_w4.cu; TUNING picks one.
+TUNINGS = {
+    ("linear", 8): ((8, 1, 4), (8, 2, 2), (16, 1, 2), (4, 4, 3)),
+    ("linear", 16): ((8, 1, 3), (16, 1, 1), (4, 2, 4)),
+    ("swiglu", 8): ((8, 1, 3), (8, 2, 2), (4, 2, 4), (16, 1, 1)),
+    ("swiglu", 16): ((8, 1, 2), (4, 2, 2), (16, 1, 1)),
+}
+TUNING = {("linear", 8): (8, 1, 4), ("linear", 16): (8, 1, 3), ("swiglu", 8): (8, 2, 2), ("swiglu", 16): (8, 1, 2)}
 DEQUANT_THREADS = 256
 DTYPES = (torch.bfloat16, torch.float16)
-EPILOGUES = {"linear": "linear", "linear_residual": "residual", "gate_up_silu": "swiglu"}
+KINDS = {"linear": "linear", "linear_residual": "linear", "gate_up_silu": "swiglu"}
 
 
 class GemvW4Params(ctypes.Structure):
@@ -42,7 +48,7 @@ class GemvW4Params(ctypes.Structure):
                 ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p), ("residual", ctypes.c_void_p),
                 ("m", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("x_stride", ctypes.c_int64), ("out_stride", ctypes.c_int64), ("res_stride", ctypes.c_int64),
-                ("group", ctypes.c_int64)]
+                ("group_shift", ctypes.c_int64)]
 
 
 class DequantW4Params(ctypes.Structure):
@@ -125,8 +131,17 @@ def _(x, qweight, scales, zeros, group):
 
 # ------------------------------------------------------------------ CUDA
 
-def m_tile(m: int) -> int:
-    return next(t for t in M_TILES if t >= m)
+def token_tile(m: int) -> int:
+    return 8 if m <= 8 else 16
+
+
+def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int, int]] = None) -> str:
+    tile = token_tile(m)
+    warps, unroll, blocks = tuning or TUNING[kind, tile]
+    if (warps, unroll, blocks) not in TUNINGS[kind, tile]:
+        raise ValueError(f"tuning: {(warps, unroll, blocks)} is not compiled for {kind} m{tile} "
+                         f"(one of {TUNINGS[kind, tile]})")
+    return f"gemv_w4_{kind}_{DTYPE_SUFFIX[dtype]}_m{tile}_w{warps}_u{unroll}_b{blocks}"
 
 
 def _packed(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -136,21 +151,21 @@ def _packed(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.contiguous().clone()
 
 
-def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual2=None) -> None:
-    """x2 [M <= 16, K] (unit last stride, 16-byte aligned rows) -> out2 [M, N_out]."""
+def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual2=None, tuning=None) -> None:
+    """x2 [M <= 16, K] (unit last stride, 16-byte aligned rows) -> out2 [M, N_out]; group a power of two."""
     qweight, scales, zeros = _packed(qweight), _packed(scales), _packed(zeros)
     m, k = x2.shape
     n = qweight.shape[0]
-    n_out = n // 2 if epilogue == "gate_up_silu" else n
-    out_rows = ROWS // 2 if epilogue == "gate_up_silu" else ROWS
-    name = f"gemv_w4_{EPILOGUES[epilogue]}_{DTYPE_SUFFIX[x2.dtype]}_m{m_tile(m)}"
+    kind = KINDS[epilogue]
     params = GemvW4Params(out2.data_ptr(), x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                           zeros.data_ptr() if zeros is not None else None,
                           residual2.data_ptr() if residual2 is not None else None,
                           m, n, k, x2.stride(0), out2.stride(0),
-                          residual2.stride(0) if residual2 is not None else 0, group)
-    grid = -(-n_out // (out_rows * WARPS))
-    kernel(SOURCE, name, GemvW4Params, x2.device).launch((grid,), (WARPS * 32,), params)
+                          residual2.stride(0) if residual2 is not None else 0, group.bit_length() - 1)
+    warps = (tuning or TUNING[kind, token_tile(m)])[0]
+    n_out = n // 2 if kind == "swiglu" else n
+    kernel(SOURCE, kernel_name(kind, x2.dtype, m, tuning), GemvW4Params, x2.device).launch(
+        (-(-n_out // ROWS_PER_CTA),), (32 * warps,), params)
 
 
 def dequantize_cuda(qweight, scales, zeros, group, dtype) -> torch.Tensor:
@@ -167,10 +182,10 @@ def dequantize_cuda(qweight, scales, zeros, group, dtype) -> torch.Tensor:
     return out
 
 
-def _gemv_input(x: torch.Tensor) -> Optional[torch.Tensor]:
-    """x as [M, K] rows the GEMV can read (16-byte aligned), or None when M is out of its range."""
+def _gemv_input(x: torch.Tensor, group: int) -> Optional[torch.Tensor]:
+    """x as [M, K] rows the GEMV can read (16-byte aligned), or None when M or the group is out of its range."""
     x2 = rows_view("x", x)
-    if not 0 < x2.shape[0] <= MAX_GEMV_TOKENS:
+    if not 0 < x2.shape[0] <= MAX_GEMV_TOKENS or group & (group - 1):
         return None
     if x2.data_ptr() % 16 or (x2.shape[0] > 1 and x2.stride(0) % 8):
         x2 = x2.contiguous()
@@ -188,7 +203,7 @@ def _check_devices(x, qweight, scales, zeros, residual=None):
 def _(x, qweight, scales, zeros, group):
     _validate(x, qweight, scales, zeros, group)
     _check_devices(x, qweight, scales, zeros)
-    x2 = _gemv_input(x)
+    x2 = _gemv_input(x, group)
     if x2 is None:
         return F.linear(x, dequantize_cuda(qweight, scales, zeros, group, x.dtype))
     out = x.new_empty((*x.shape[:-1], qweight.shape[0]))
@@ -201,7 +216,7 @@ def _(x, qweight, scales, zeros, group, residual):
     _validate(x, qweight, scales, zeros, group)
     _validate_residual(x, qweight, residual)
     _check_devices(x, qweight, scales, zeros, residual)
-    x2 = _gemv_input(x)
+    x2 = _gemv_input(x, group)
     if x2 is None:
         return residual + F.linear(x, dequantize_cuda(qweight, scales, zeros, group, x.dtype))
     out = residual.new_empty(residual.shape)
@@ -214,7 +229,7 @@ def _(x, qweight, scales, zeros, group, residual):
 def _(x, qweight, scales, zeros, group):
     _validate(x, qweight, scales, zeros, group, gate_up=True)
     _check_devices(x, qweight, scales, zeros)
-    x2 = _gemv_input(x)
+    x2 = _gemv_input(x, group)
     if x2 is None:
         w = dequantize_cuda(qweight, scales, zeros, group, x.dtype)
         return gate_up_silu_reference(x, w, qweight.shape[0] // 2)
