@@ -1,5 +1,6 @@
 // Residual add + RMSNorm in one pass, as the HF decoder layer does it in two:
-//   h = round_T(residual + x);  y = LlamaRMSNorm(h).  Writes both y and h. One CTA per row.
+//   h = round_T(residual + x);  y = LlamaRMSNorm(residual + x), the norm taken of the fp32 sum (as Inductor's
+//   fused add + norm does), not of the rounded h.  Writes both y and h. One CTA per row.
 // Variants as in rmsnorm.cu: c<ITEMS> (row in registers), sv (streaming, 16-byte), s1 (streaming, scalar).
 #include "rmsnorm.cuh"
 

@@ -2,7 +2,7 @@
 // and rounded once, y = T( float(w) * h * rsqrt(mean(h^2) + eps) ) (eager rounds before the weight too;
 // one rounding, as Inductor fuses it, sits closer to the fp32 model).
 // One CTA per row. A "Row" policy says where h comes from: straight from x (PlainRow), or
-// h = round_T(x + residual), written out as it is formed (ResidualRow).
+// h = x + residual, summed in fp32 for the norm and written out rounded as it is formed (ResidualRow).
 // The "cached" form keeps the row in registers (one HBM read); the "streaming" form re-reads it
 // for the second pass (rows too long for registers, or VEC = 1 when 16-byte vectors are ruled out).
 #pragma once
@@ -21,30 +21,43 @@ namespace fusedops {
 
 template <typename T, int VEC>
 struct PlainRow {
+    using Value = Vec<T, VEC>;
     const T* x;
-    __device__ __forceinline__ Vec<T, VEC> first(int64_t i) const { return load_vec<T, VEC>(x + i * VEC); }
-    __device__ __forceinline__ Vec<T, VEC> again(int64_t i) const { return first(i); }
+    __device__ __forceinline__ Value first(int64_t i) const { return load_vec<T, VEC>(x + i * VEC); }
+    __device__ __forceinline__ Value again(int64_t i) const { return first(i); }
 };
 
+// h = x + residual, kept in fp32 for the norm and written out rounded once (round_T(residual + x), the
+// value HF's residual stream holds). The norm of the unrounded sum is what Inductor computes when it fuses
+// the add into the norm; eager's norm of the rounded h adds one bf16 rounding of the whole residual stream
+// to every layer's norm input, which at 32 layers made fusedops' logits 1 % worse than Inductor's.
 template <typename T, int VEC>
 struct ResidualRow {
+    using Value = Vec<float, VEC>;
     const T* x;
     const T* residual;
     T* h;
-    // HF adds in the model dtype: h = round_T(residual + x). Stored here so the second pass re-reads h.
-    __device__ __forceinline__ Vec<T, VEC> first(int64_t i) const {
+    __device__ __forceinline__ Value sum(int64_t i) const {
         const Vec<T, VEC> a = load_vec<T, VEC>(x + i * VEC), b = load_vec<T, VEC>(residual + i * VEC);
-        Vec<T, VEC> s;
+        Value s;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) s.v[j] = from_float<T>(to_float(b.v[j]) + to_float(a.v[j]));
-        store_vec<T, VEC>(h + i * VEC, s);
+        for (int j = 0; j < VEC; ++j) s.v[j] = to_float(b.v[j]) + to_float(a.v[j]);
         return s;
     }
-    __device__ __forceinline__ Vec<T, VEC> again(int64_t i) const { return load_vec<T, VEC>(h + i * VEC); }
+    __device__ __forceinline__ Value first(int64_t i) const {
+        const Value s = sum(i);
+        Vec<T, VEC> rounded;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) rounded.v[j] = from_float<T>(s.v[j]);
+        store_vec<T, VEC>(h + i * VEC, rounded);
+        return s;
+    }
+    // Streaming second pass: the sum again from x and residual (L2-resident), not from the rounded h.
+    __device__ __forceinline__ Value again(int64_t i) const { return sum(i); }
 };
 
-template <typename T, int VEC>
-__device__ __forceinline__ float sum_squares(const Vec<T, VEC>& v) {
+template <typename E, int VEC>
+__device__ __forceinline__ float sum_squares(const Vec<E, VEC>& v) {
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -54,8 +67,8 @@ __device__ __forceinline__ float sum_squares(const Vec<T, VEC>& v) {
     return ss;
 }
 
-template <typename T, int VEC>
-__device__ __forceinline__ void scale_store(T* out, const Vec<T, VEC>& wv, int64_t i, const Vec<T, VEC>& hv, float rstd) {
+template <typename T, int VEC, typename E>
+__device__ __forceinline__ void scale_store(T* out, const Vec<T, VEC>& wv, int64_t i, const Vec<E, VEC>& hv, float rstd) {
     Vec<T, VEC> yv;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
@@ -70,7 +83,8 @@ template <typename T, int VEC, int ITEMS, typename Row>
 __device__ __forceinline__ void rmsnorm_cached(const Row& row, const T* w, T* out, int64_t hidden, float eps) {
     __shared__ float scratch[32];
     const int nvec = static_cast<int>(hidden / VEC);
-    Vec<T, VEC> hv[ITEMS], wv[ITEMS];
+    typename Row::Value hv[ITEMS];
+    Vec<T, VEC> wv[ITEMS];
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -78,7 +92,7 @@ __device__ __forceinline__ void rmsnorm_cached(const Row& row, const T* w, T* ou
         if (idx < nvec) {
             wv[i] = load_vec<T, VEC>(w + idx * VEC);
             hv[i] = row.first(idx);
-            ss += sum_squares<T, VEC>(hv[i]);
+            ss += sum_squares(hv[i]);
         }
     }
     const float rstd = rsqrtf(block_sum(ss, scratch) / static_cast<float>(hidden) + eps);
@@ -95,7 +109,7 @@ __device__ __forceinline__ void rmsnorm_streaming(const Row& row, const T* w, T*
     __shared__ float scratch[32];
     const int64_t nvec = hidden / VEC;
     float ss = 0.f;
-    for (int64_t idx = threadIdx.x; idx < nvec; idx += blockDim.x) ss += sum_squares<T, VEC>(row.first(idx));
+    for (int64_t idx = threadIdx.x; idx < nvec; idx += blockDim.x) ss += sum_squares(row.first(idx));
     const float rstd = rsqrtf(block_sum(ss, scratch) / static_cast<float>(hidden) + eps);
     for (int64_t idx = threadIdx.x; idx < nvec; idx += blockDim.x)
         scale_store<T, VEC>(out, load_vec<T, VEC>(w + idx * VEC), idx, row.again(idx), rstd);

@@ -1,4 +1,4 @@
-"""fusedops::add_rms_norm: HF rounding (h in the model dtype, then LlamaRMSNorm), bad input, PTX, and
+"""fusedops::add_rms_norm: h rounded as HF rounds it, the norm of the unrounded sum, bad input, PTX, and
 on the GPU a random sweep against float64 with poisoned outputs."""
 import random
 
@@ -20,11 +20,18 @@ def exact(x, residual, w, eps):
     return w.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps), h
 
 
-def test_reference_is_hf_decoder_order():
-    x, r, w = torch.randn(3, 64).bfloat16(), torch.randn(3, 64).bfloat16(), torch.randn(64).bfloat16()
+def test_reference_rounds_h_as_hf_and_normalizes_the_unrounded_sum():
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(64, 512, generator=g).bfloat16() for _ in range(2))
+    r = r * 8   # a residual stream larger than the update, as deep in a model
+    w = (1 + 0.1 * torch.randn(512, generator=g)).bfloat16()
     y, h = op(x, r, w, 1e-5)
-    assert torch.equal(h, r + x)
-    assert torch.equal(y, torch.ops.fusedops.rms_norm(r + x, w, 1e-5))
+    assert torch.equal(h, r + x)                                     # HF's residual, bit for bit
+    total = r.float() + x.float()
+    assert torch.equal(y, torch.ops.fusedops.rms_norm(total, w.float(), 1e-5).bfloat16())
+    y64, _ = exact(x, r, w, 1e-5)
+    eager_order = torch.ops.fusedops.rms_norm(r + x, w, 1e-5)       # norm of the rounded h
+    assert rel_err(y, y64) < 0.8 * rel_err(eager_order, y64)
 
 
 def test_opcheck_cpu():
@@ -62,6 +69,7 @@ def run_case(dtype, rows, hidden, strided, seed, items=None):
     y_ref, h_ref = exact(x, r, w, 1e-6)
     y_torch, h_torch = add_rmsnorm.add_rms_norm_reference(x, r, w, 1e-6)
     assert torch.equal(h, h_torch), (dtype, rows, hidden)
+    assert rel_err(y, y_torch) <= MAX_ERR[dtype] / 4, (dtype, rows, hidden)   # same fp32 maths, one rounding
     err, torch_err = rel_err(y, y_ref), rel_err(y_torch, y_ref)
     assert err <= max(2 * torch_err, 1e-6) and err <= MAX_ERR[dtype], (dtype, rows, hidden, strided, err, torch_err)
 

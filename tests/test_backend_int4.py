@@ -64,8 +64,8 @@ def test_counts_and_parity(lm_head):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     logits, reports = compiled_logits(m, {"weights": "int4", "int4_lm_head": lm_head})
     ops = reports[0].ops_after
-    assert ops["fusedops.linear_w4"] == LAYERS + lm_head             # stacked q/k/v (+ lm_head)
-    assert ops["fusedops.linear_residual_w4"] == 2 * LAYERS          # o_proj, down_proj
+    assert ops["fusedops.linear_w4"] == 3 * LAYERS + lm_head         # stacked q/k/v, o_proj, down_proj (+ lm_head)
+    assert ops["fusedops.add_rms_norm"] == 2 * LAYERS                # the residual adds, as in bf16
     assert ops["fusedops.gate_up_silu_w4"] == LAYERS
     assert ops["fusedops.linear"] == (0 if lm_head else 1)           # lm_head left in bf16 by default
     assert ops["fusedops.linear_residual"] == ops["fusedops.gate_up_silu"] == ops["linear"] == 0
@@ -171,6 +171,7 @@ def test_biased_projections_stay_in_the_model_dtype_and_say_so():
     misses = [n for n in reports[0].near_misses if n.pattern == "int4"]
     assert len(misses) == LAYERS and all("has a bias" in n.reason for n in misses)   # q/k/v of each layer
     assert reports[0].ops_after["fusedops.linear"] == LAYERS + 1                     # + lm_head in bf16
+    assert reports[0].ops_after["fusedops.linear_w4"] == 2 * LAYERS                  # o_proj, down_proj
 
 
 def test_log_shows_what_int4_replaced(capfd, monkeypatch):

@@ -23,10 +23,10 @@ CONFIGS = {
     "gpt2": lambda: GPT2Config(n_embd=256, n_layer=L, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1),
 }
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
-# default options on an L-layer Llama-family model: the residual adds go to linear_residual, so all
-# 2L+1 norms are plain rms_norm
-EXPECTED = {"qkv": L, "gate_up_silu": L, "linear_residual": 2 * L, "rms_norm": 2 * L + 1, "rope": L,
-            "attention": L, "linear": 1}   # linear: lm_head
+# default options on an L-layer Llama-family model: every residual add feeds a norm, so 2L of the 2L+1
+# norms are add_rms_norm (the first layer's input norm has no add), and o_proj / down_proj are plain linears
+EXPECTED = {"qkv": L, "gate_up_silu": L, "add_rms_norm": 2 * L, "rms_norm": 1, "rope": L,
+            "attention": L, "linear": 2 * L + 1}   # linear: o_proj, down_proj, lm_head
 
 
 def build(family, attn="sdpa", dtype=torch.float32, seed=0):
@@ -83,8 +83,9 @@ def test_fp32_counts_and_parity(family, attn):
     assert rel_err(got, expected) <= 1e-4
     before, after = report.ops_before, report.ops_after
     assert before["linear"] == 7 * L + 1 and after["linear"] == 0
-    assert after["fusedops.linear"] == L + 1 and after["fusedops.gate_up_silu"] == L
-    assert after["fusedops.rms_norm"] == 2 * L + 1 and after["rsqrt"] == 0
+    assert after["fusedops.linear"] == 3 * L + 1 and after["fusedops.gate_up_silu"] == L
+    assert after["fusedops.rms_norm"] == 1 and after["fusedops.add_rms_norm"] == 2 * L and after["rsqrt"] == 0
+    assert after["fusedops.linear_residual"] == 0
     assert after["fusedops.attention"] == L and after["sdpa"] == 0 and after["softmax"] == 0
     assert after["fusedops.rope"] == L and after["neg"] == 0
     assert after["silu"] == 0
@@ -104,16 +105,16 @@ def test_bf16_error_vs_fp32_no_worse_than_eager(family):
     assert fused_err <= eager_err * 1.05, (fused_err, eager_err)
 
 
-def test_add_rms_norm_takes_the_adds_when_linear_residual_is_off():
+def test_linear_residual_takes_the_adds_when_add_rms_norm_is_off():
     model = build("llama")
-    options = RewriteOptions(fusions=RewriteOptions().fusions - {"linear_residual"})
+    options = RewriteOptions(fusions=RewriteOptions().fusions - {"add_rms_norm"})
     x = ids()
     with torch.no_grad():
         expected = model(x).logits
         compiled, results = compile_rewritten(model, options)
         got = compiled(x).logits
     matches = results[0].report.matches
-    assert matches["add_rms_norm"] == 2 * L and matches["rms_norm"] == 1 and matches["linear_residual"] == 0
+    assert matches["linear_residual"] == 2 * L and matches["rms_norm"] == 2 * L + 1 and matches["add_rms_norm"] == 0
     assert rel_err(got, expected) <= 1e-4
 
 

@@ -1,7 +1,10 @@
 """options={"weights": "int4"}: after the rewrite, the fused projections run on int4 weights.
 
-    fusedops::linear(x, Wqkv, None)       -> fusedops::linear_w4            (the stacked q/k/v)
-    fusedops::linear_residual(x, W, res)  -> fusedops::linear_residual_w4   (o_proj, down_proj)
+    fusedops::linear(x, W, None)          -> fusedops::linear_w4            (stacked q/k/v; o_proj and
+                                                                             down_proj, whose residual
+                                                                             add goes to add_rms_norm)
+    fusedops::linear_residual(x, W, res)  -> fusedops::linear_residual_w4   (a projection + add no norm
+                                                                             follows)
     fusedops::gate_up_silu(x, Wgu, block) -> fusedops::gate_up_silu_w4      ([Wg; Wu] re-packed plainly)
     the last plain projection              -> fusedops::linear_w4            (lm_head, "int4_lm_head": a
       (fusedops::linear marked PLAIN_LINEAR by the rewrite, or a torch linear)      bias-free one)

@@ -1,4 +1,6 @@
 """fusedops::add_rms_norm — h = x + residual; y = rms_norm(h); returns (y, h) (csrc/add_rmsnorm.cu).
+h is returned rounded to the model dtype; the norm is taken of the unrounded sum (one rounding fewer on
+every norm input than eager's order, as Inductor's fused add + norm computes it).
 
 Non-contiguous x / residual: rows may be strided; a non-unit last stride is copied."""
 from __future__ import annotations
@@ -24,9 +26,10 @@ class AddRmsNormParams(ctypes.Structure):
 
 
 def add_rms_norm_reference(x, residual, weight, eps):
-    """HF decoder-layer order: `hidden = residual + hidden` in the model dtype, then LlamaRMSNorm."""
-    h = residual + x
-    return rms_norm_reference(h, weight, eps), h
+    """HF decoder-layer order, `hidden = residual + hidden` then LlamaRMSNorm, with the norm taken of the
+    fp32 sum; h (returned) is that sum rounded to the model dtype, exactly HF's residual."""
+    total = residual.float() + x.float()
+    return rms_norm_reference(total, weight.float(), eps).to(x.dtype), total.to(x.dtype)
 
 
 def _validate(x, residual, weight, eps):

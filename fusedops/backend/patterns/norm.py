@@ -112,6 +112,22 @@ def _residual_add(node) -> Optional[tuple[Any, Any]]:
     return x, residual
 
 
+def norm_residual_adds(graph) -> set:
+    """The residual adds RmsNormPattern fuses into add_rms_norm: `residual + x` feeding an RMSNorm
+    whose weight is a parameter or buffer."""
+    adds = set()
+    for node in graph.nodes:
+        if kind(node) != "rsqrt":
+            continue
+        try:
+            m = match_rms_norm(node)
+        except Miss:
+            continue
+        if m is not None and m.weight.op in ("placeholder", "get_attr") and _residual_add(m.x) is not None:
+            adds.add(m.x)
+    return adds
+
+
 class RmsNormPattern:
     names = ("add_rms_norm", "rms_norm")
 
@@ -127,7 +143,7 @@ class RmsNormPattern:
             if m is None:
                 continue
             pair = _residual_add(m.x) if ctx.enabled("add_rms_norm") and m.weight.op in (
-                "placeholder", "get_attr") else None
+                "placeholder", "get_attr") else None   # keep in step with norm_residual_adds
             if pair is not None:
                 x, residual = pair
                 # right after the add, so that h exists before every user of the add
