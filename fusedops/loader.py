@@ -42,19 +42,19 @@ from typing import Callable, NamedTuple
 
 import torch
 
-# Pinned staging: 64 MiB x 2 loaded 5.85 GB at 34.1 GB/s on the H100 (2026-11-25), the best of 16/64/256 MiB
-# x 2-4 buffers (28.7-34.1 GB/s, one run each; perf/notes/loader.md): more or larger buffers bought nothing.
+# Pinned staging, 64 MiB x 4 filled by 2 threads (H100 hosts, 2026-11-25, perf/notes/loader.md): with the populate,
+# 27.6 GB/s vs 23.3 for x 2 / 1 thread and 23.4 for x 3 / 1 thread in the same run; round 2 (no populate) 32.7 vs
+# 32.1. Buffer count and size alone bought nothing (16/64/256 MiB x 2-4, rounds 1 and 3).
 STAGING_BYTES = 64 << 20
-STAGING_BUFFERS = 2
+STAGING_BUFFERS = 4
 # fill="mmap" memcpy threads (each fills its own buffer), page-locking threads of the zero-copy path.
-# 1: 64 MiB x 4 with 2 threads loaded 4.10 GB at 32.7 GB/s vs 32.1 with 1 (noise), 16 MiB x 8 with 4 at 25.5.
-COPY_THREADS = 1
+COPY_THREADS = 2
 # fill="read": threads reading slices of one chunk at a time. preadv -> pinned alone moved 4.8 GB/s with 1 thread,
-# 27.0 with 8, 30.2 with 16 (H100 host, 2026-11-25); a load with 12 threads 29.7 GB/s, below "mmap".
+# 27.0 with 8, 30.2 with 16 (H100 host, 2026-11-25); loads with 12 threads 29.7 and 17.9 GB/s, below "mmap".
 READ_THREADS = 12
-# How staging buffers are filled: "mmap" (populate + memcpy from the mapping) or "read" (os.preadv). The page
-# faults were the mmap memcpy's cost: 34.8 GB/s from a fresh mapping, 78.5 GB/s once MADV_POPULATE_READ (at
-# 803 GB/s) had mapped it (H100 host, 2026-11-25).
+# How staging buffers are filled: "mmap" (populate + memcpy from the mapping) or "read" (os.preadv, slower in both
+# H100 runs). Page faults were the mmap memcpy's cost: 34.8 GB/s from a fresh mapping, 78.5 once MADV_POPULATE_READ
+# (803 GB/s) had mapped it (one host); 17.5 vs 19.6 on a slower one, where the load went 18.4 -> 23.3 GB/s.
 FILL = "mmap"
 FILLS = ("mmap", "read")
 MADV_POPULATE_READ = 22  # linux/mman.h, Linux >= 5.14; older kernels refuse it (EINVAL) and the memcpy faults
@@ -593,12 +593,13 @@ def load_safetensors(model_or_path, device="cuda", *, checkpoint: str | Path | N
     through HF's base_model_prefix), casting to each tensor's dtype; tied weights load once; tensors not
     on `device` (a model built on the meta device, say) are replaced by new ones there; non-persistent
     buffers left on the meta device (RoPE's inv_freq: in no checkpoint) count as missing. Everything is
-    validated before the first byte is copied: on an error nothing in the model changes. Missing or
+    validated before the first byte is copied: on an error nothing in the model changes (except a file
+    that shrinks during the copy: its CheckpointError comes after earlier bytes have landed). Missing or
     unexpected tensors raise unless strict=False; returns IncompatibleKeys. On CUDA the copies run on a
     side stream that the caller's current stream waits for. The staging path (zero_copy=False) copies
     through `staging_buffers` pinned buffers of `staging_bytes`, filled by `copy_threads` threads (default
-    READ_THREADS for fill="read", COPY_THREADS for "mmap") with os.preadv (fill="read") or a memcpy from
-    the mapped file (fill="mmap"), and returns without a host sync; zero_copy=True page-locks windows of
+    READ_THREADS for fill="read", COPY_THREADS for "mmap") with a memcpy from the mapped file, its pages
+    populated first (fill="mmap"), or os.preadv (fill="read"), and returns without a host sync; zero_copy=True page-locks windows of
     `staging_bytes` of the mapped files (`staging_buffers` pinned ahead, `copy_threads` pinning threads),
     stages whatever the driver refuses to pin, and returns once its DMAs are done.
     """
