@@ -16,6 +16,7 @@ tile for M <= 8, two up to 16; more tokens dequantize the weight into a scratch 
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Optional
 
 import torch
@@ -30,14 +31,20 @@ SOURCE = register_source("gemv_w4", "gemv_w4.cu")
 MAX_GEMV_TOKENS = 16                # two 8-token mma tiles (the gemv_w4_*_m16 kernels)
 ROWS_PER_CTA = 16                   # outputs a CTA owns (SwiGLU: their 16 gate + 16 up rows)
 # (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap) compiled per
-# (kind, token tile) in csrc/gemv_w4.cu; TUNING picks one.
+# (kind, token tile) in csrc/gemv_w4.cu; default_tuning picks one.
 TUNINGS = {
     ("linear", 8): ((8, 1, 4), (8, 2, 2), (16, 1, 2), (4, 4, 3)),
     ("linear", 16): ((8, 1, 3), (16, 1, 1), (4, 2, 4)),
     ("swiglu", 8): ((8, 1, 3), (8, 2, 2), (4, 2, 4), (16, 1, 1)),
     ("swiglu", 16): ((8, 1, 2), (4, 2, 2), (16, 1, 1)),
 }
-TUNING = {("linear", 8): (8, 1, 4), ("linear", 16): (8, 1, 3), ("swiglu", 8): (8, 2, 2), ("swiglu", 16): (8, 1, 2)}
+# H100 graph replay, 2026-11-25, every tuning on the Llama-3-8B shapes (perf/notes/int4.md, run 3), M = 1:
+# a linear whose grid fits 2 CTAs an SM streams fastest at 8 warps x 2 loads (o_proj 6.0 us vs 6.8 for 8 x 1,
+# down 14.9 vs 17.9); a larger grid (q/k/v, 384 CTAs) at 4 x 4, whose 3 CTAs an SM hold it in one wave (7.6
+# vs 9.2 us for 8 x 2). SwiGLU 4 x 2 (8 loads in flight a lane) won at M 1-8 (26.3 vs 29.8 us for 8 x 2); at
+# M = 16 the 8 x 1 variants won on all four shapes.
+TUNING = {("linear", 8): (8, 2, 2), ("linear", 16): (8, 1, 3), ("swiglu", 8): (4, 2, 4), ("swiglu", 16): (8, 1, 2)}
+WIDE_LINEAR_TUNING = (4, 4, 3)      # linear, M <= 8, more than 2 CTAs an SM
 DEQUANT_THREADS = 256
 DTYPES = (torch.bfloat16, torch.float16)
 KINDS = {"linear": "linear", "linear_residual": "linear", "gate_up_silu": "swiglu"}
@@ -135,6 +142,17 @@ def token_tile(m: int) -> int:
     return 8 if m <= 8 else 16
 
 
+def default_tuning(kind: str, tile: int, ctas: int, sms: int) -> tuple[int, int, int]:
+    if kind == "linear" and tile == 8 and ctas > 2 * sms:
+        return WIDE_LINEAR_TUNING
+    return TUNING[kind, tile]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int, int]] = None) -> str:
     tile = token_tile(m)
     warps, unroll, blocks = tuning or TUNING[kind, tile]
@@ -162,10 +180,11 @@ def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual
                           residual2.data_ptr() if residual2 is not None else None,
                           m, n, k, x2.stride(0), out2.stride(0),
                           residual2.stride(0) if residual2 is not None else 0, group.bit_length() - 1)
-    warps = (tuning or TUNING[kind, token_tile(m)])[0]
-    n_out = n // 2 if kind == "swiglu" else n
+    ctas = -(-(n // 2 if kind == "swiglu" else n) // ROWS_PER_CTA)
+    device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    tuning = tuning or default_tuning(kind, token_tile(m), ctas, _sm_count(device))
     kernel(SOURCE, kernel_name(kind, x2.dtype, m, tuning), GemvW4Params, x2.device).launch(
-        (-(-n_out // ROWS_PER_CTA),), (32 * warps,), params)
+        (ctas,), (32 * tuning[0],), params)
 
 
 def dequantize_cuda(qweight, scales, zeros, group, dtype) -> torch.Tensor:
