@@ -103,13 +103,14 @@ __device__ __forceinline__ uint16_t load_u16(const void* ptr) {
     return v;
 }
 
-template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU>
+template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU, int STAGES>
 struct Traits {
     using T = T_;
     static constexpr int kTokenTiles = TOKEN_TILES;      // 8-token mma tiles: M <= 8 * kTokenTiles
     static constexpr int kWarps = WARPS;                 // split K inside the CTA
     static constexpr int kUnroll = UNROLL;               // 16-byte loads per W row per lane per step
     static constexpr bool kSwiglu = SWIGLU;
+    static constexpr int kStages = STAGES;               // 2: a warp loads its next step before computing this one
     static constexpr int kRowTiles = SWIGLU ? 2 : 1;     // 16-row W tiles per CTA: gate + up, or one
     static constexpr int kThreads = 32 * kWarps;
     static constexpr int kLoadK = 32;                    // k in one 16-byte load of packed int4
@@ -117,7 +118,37 @@ struct Traits {
     static constexpr int kFragments = kRowTiles * kTokenTiles * 128;  // accumulator floats per warp
     static constexpr int kSmemBytes = kWarps * kFragments * 4;
     static_assert(kSmemBytes <= 48 * 1024, "partial sums must fit static shared memory");
+    static_assert(kStages == 1 || kStages == 2, "one step in registers, or this one and the next");
 };
+
+// What one step loads: W with its groups' scales and zeros, and x at the same k.
+template <class Tr>
+struct WeightStage {
+    uint4 w[Tr::kRowTiles][2][Tr::kUnroll];
+    uint16_t scale[Tr::kRowTiles][2][Tr::kUnroll], zero[Tr::kRowTiles][2][Tr::kUnroll];
+};
+template <class Tr>
+struct XStage {
+    uint4 x[Tr::kTokenTiles][Tr::kUnroll][4];
+};
+
+// Where load u of a step starting at k0 reads. CHECK: the step may run past K (the last, partial one); K
+// is a multiple of 32, so a load is all in or all out. An out-of-range lane reads its row's first 32 k and
+// group (finite weights) and zeroes x; no load is skipped, so a step's loads issue together. Tokens past M
+// read token 0: an mma column depends only on its own token, and those columns are never stored.
+struct Chunk {
+    bool in;
+    int64_t at, group, x_at;  // in 16-byte W loads, groups and x elements from the lane's pointers
+};
+
+template <class Tr, bool CHECK>
+__device__ __forceinline__ Chunk chunk(int64_t k0, int u, const GemvW4Params& p) {
+    const int quad = threadIdx.x & 3;
+    const int64_t ku = k0 + 4 * Tr::kLoadK * u;  // the quad's first k of load u
+    const bool in = !CHECK || ku + Tr::kLoadK * quad < p.k;
+    return {in, in ? ku / Tr::kLoadK : -quad, in ? (ku + Tr::kLoadK * quad) >> p.group_shift : 0,
+            in ? ku : -Tr::kLoadK * quad};
+}
 
 template <class Tr>
 struct Cta {
@@ -130,42 +161,31 @@ struct Cta {
     // same registers, and in-order issue holds the warp's next loads behind the whole chain.
     float acc[Tr::kRowTiles][2 * Tr::kTokenTiles][4];
 
-    // One step of Tr::kStepK k starting at k0. CHECK: the step may run past K (the last, partial one); K is
-    // a multiple of 32, so a load is all in or all out. An out-of-range lane reads its row's first 32 k and
-    // group (finite weights) and zeroes x; no load is skipped, so a step's loads issue together. Tokens past
-    // M read token 0: an mma column depends only on its own token, and those columns are never stored.
-    template <bool CHECK>
-    __device__ __forceinline__ void step(int64_t k0, const GemvW4Params& p) {
-        const int quad = threadIdx.x & 3;
-        uint4 wv[Tr::kRowTiles][2][Tr::kUnroll], xv[Tr::kTokenTiles][Tr::kUnroll][4];
-        uint16_t sv[Tr::kRowTiles][2][Tr::kUnroll], zv[Tr::kRowTiles][2][Tr::kUnroll];
+    __device__ __forceinline__ void load_weights(int u, const Chunk& c, WeightStage<Tr>& ws) const {
 #pragma unroll
-        for (int u = 0; u < Tr::kUnroll; ++u) {
-            const int64_t ku = k0 + 4 * Tr::kLoadK * u;  // the quad's first k of load u
-            const bool in = !CHECK || ku + Tr::kLoadK * quad < p.k;
-            const int64_t at = in ? ku / Tr::kLoadK : -quad, group = in ? (ku + Tr::kLoadK * quad) >> p.group_shift : 0;
+        for (int j = 0; j < Tr::kRowTiles; ++j)
 #pragma unroll
-            for (int j = 0; j < Tr::kRowTiles; ++j)
+            for (int h = 0; h < 2; ++h) {
+                ws.w[j][h][u] = load_weight(w[j][h] + c.at);
+                ws.scale[j][h][u] = load_u16(scale[j][h] + c.group);
+                ws.zero[j][h][u] = load_u16(zero[j][h] + c.group);
+            }
+    }
+
+    __device__ __forceinline__ void load_xs(int u, const Chunk& c, XStage<Tr>& xs) const {
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    wv[j][h][u] = load_weight(w[j][h] + at);
-                    sv[j][h][u] = load_u16(scale[j][h] + group);
-                    zv[j][h][u] = load_u16(zero[j][h] + group);
-                }
-            const int64_t x_at = in ? ku : -Tr::kLoadK * quad;
+        for (int t = 0; t < Tr::kTokenTiles; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) xs.x[t][u][i] = load_x(x[t] + c.x_at + 8 * i);
+        if (!c.in) {
 #pragma unroll
             for (int t = 0; t < Tr::kTokenTiles; ++t)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) xv[t][u][i] = load_x(x[t] + x_at + 8 * i);
-            if (!in) {
-#pragma unroll
-                for (int t = 0; t < Tr::kTokenTiles; ++t)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) xv[t][u][i] = make_uint4(0, 0, 0, 0);  // its W products vanish
-            }
+                for (int i = 0; i < 4; ++i) xs.x[t][u][i] = make_uint4(0, 0, 0, 0);  // its W products vanish
         }
-        __syncwarp();  // loads stay above, mmas below: ptxas otherwise interleaves them (csrc/gemv.cu)
-        const bool symmetric = p.zeros == nullptr;
+    }
+
+    __device__ __forceinline__ void compute(const WeightStage<Tr>& ws, const XStage<Tr>& xs, bool symmetric) {
 #pragma unroll
         for (int u = 0; u < Tr::kUnroll; ++u)
 #pragma unroll
@@ -173,21 +193,70 @@ struct Cta {
                 GroupPair gp[2];
 #pragma unroll
                 for (int h = 0; h < 2; ++h)
-                    gp[h] = group_pair<T>(sv[j][h][u], symmetric ? Int4Magic<T>::kEight : zv[j][h][u]);
+                    gp[h] = group_pair<T>(ws.scale[j][h][u], symmetric ? Int4Magic<T>::kEight : ws.zero[j][h][u]);
 #pragma unroll
                 for (int word = 0; word < 4; ++word) {
                     uint32_t lo[4], hi[4];  // rows g and g + 8, k 8 word + 0..7 of this lane's 32
-                    dequant_word<T>((&wv[j][0][u].x)[word], gp[0], lo);
-                    dequant_word<T>((&wv[j][1][u].x)[word], gp[1], hi);
+                    dequant_word<T>((&ws.w[j][0][u].x)[word], gp[0], lo);
+                    dequant_word<T>((&ws.w[j][1][u].x)[word], gp[1], hi);
                     const uint32_t a_lo[4] = {lo[0], hi[0], lo[1], hi[1]}, a_hi[4] = {lo[2], hi[2], lo[3], hi[3]};
 #pragma unroll
                     for (int t = 0; t < Tr::kTokenTiles; ++t) {
-                        const uint4& xw = xv[t][u][word];  // token g, the same 8 k
+                        const uint4& xw = xs.x[t][u][word];  // token g, the same 8 k
                         attn::MmaOp<T>::run(acc[j][2 * t], a_lo, xw.x, xw.y);
                         attn::MmaOp<T>::run(acc[j][2 * t + 1], a_hi, xw.z, xw.w);
                     }
                 }
             }
+    }
+
+    // One step starting at k0: all its loads, then its mmas. __syncwarp between them: ptxas otherwise
+    // interleaves them (csrc/gemv.cu).
+    template <bool CHECK>
+    __device__ __forceinline__ void step(int64_t k0, const GemvW4Params& p) {
+        WeightStage<Tr> ws;
+        XStage<Tr> xs;
+#pragma unroll
+        for (int u = 0; u < Tr::kUnroll; ++u) {
+            const Chunk c = chunk<Tr, CHECK>(k0, u, p);
+            load_weights(u, c, ws);
+            load_xs(u, c, xs);
+        }
+        __syncwarp();
+        compute(ws, xs, p.zeros == nullptr);
+    }
+
+    // Two weight stages: the warp's steps s = first, first + kWarps, ... < steps, each one's W issued
+    // before the previous step's mmas, so W stays in flight while the warp dequantizes. x (an L2 / L1 hit)
+    // is loaded with its own step. Every load checks K (the partial step can be any of them); the stages
+    // alternate without register copies.
+    __device__ __forceinline__ void run_two_stages(int64_t first, int64_t steps, const GemvW4Params& p) {
+        const bool symmetric = p.zeros == nullptr;
+        WeightStage<Tr> wa, wb;
+        XStage<Tr> xs;
+        auto load_w = [&](int64_t s, WeightStage<Tr>& ws) {
+#pragma unroll
+            for (int u = 0; u < Tr::kUnroll; ++u) load_weights(u, chunk<Tr, true>(s * Tr::kStepK, u, p), ws);
+        };
+        auto load_x_of = [&](int64_t s) {
+#pragma unroll
+            for (int u = 0; u < Tr::kUnroll; ++u) load_xs(u, chunk<Tr, true>(s * Tr::kStepK, u, p), xs);
+        };
+        int64_t s = first;
+        if (s < steps) load_w(s, wa);
+        while (s < steps) {
+            if (s + Tr::kWarps < steps) load_w(s + Tr::kWarps, wb);
+            load_x_of(s);
+            __syncwarp();
+            compute(wa, xs, symmetric);
+            s += Tr::kWarps;
+            if (s >= steps) break;
+            if (s + Tr::kWarps < steps) load_w(s + Tr::kWarps, wa);
+            load_x_of(s);
+            __syncwarp();
+            compute(wb, xs, symmetric);
+            s += Tr::kWarps;
+        }
     }
 };
 
@@ -220,8 +289,12 @@ __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
 
     // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
     const int64_t full_steps = p.k / Tr::kStepK;
-    for (int64_t s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(s * Tr::kStepK, p);
-    if (p.k % Tr::kStepK && full_steps % Tr::kWarps == warp) cta.template step<true>(full_steps * Tr::kStepK, p);
+    if constexpr (Tr::kStages == 2) {
+        cta.run_two_stages(warp, (p.k + Tr::kStepK - 1) / Tr::kStepK, p);
+    } else {
+        for (int64_t s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(s * Tr::kStepK, p);
+        if (p.k % Tr::kStepK && full_steps % Tr::kWarps == warp) cta.template step<true>(full_steps * Tr::kStepK, p);
+    }
 
 #pragma unroll
     for (int j = 0; j < Tr::kRowTiles; ++j)
@@ -275,30 +348,37 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
 }  // namespace gemv_w4
 }  // namespace fusedops
 
-// Instantiations: gemv_w4_<linear|swiglu>_<dtype>_m<8|16>_w<warps>_u<loads a step>_b<min CTAs an SM>, the table
-// fusedops/ops/gemm_w4.py TUNINGS. The min-CTA bound sets ptxas' register cap: each entry is the tightest cap
-// (most resident warps) that spilled nothing for its (warps, loads) at sm_90a; left free, ptxas used 95-220
-// registers (one CTA an SM for 8 x 2) or spilled 8 bytes under its own choice (8 x 1, linear m8).
-#define FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U, B)                              \
+// Instantiations: gemv_w4_<linear|swiglu>_<dtype>_m<8|16>_w<warps>_u<loads a step>_b<min CTAs an SM>_s<stages>,
+// the table fusedops/ops/gemm_w4.py TUNINGS. The min-CTA bound sets ptxas' register cap: each entry is the
+// tightest cap (most resident warps) that spilled nothing for its (warps, loads, stages) at sm_90a; left free,
+// ptxas used 95-220 registers (one CTA an SM for 8 x 2) or spilled 8 bytes under its own choice (8 x 1, m8).
+#define FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U, B, S)                           \
     extern "C" __global__ void __launch_bounds__(32 * W, B)                                                   \
-        gemv_w4_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U##_b##B(const __grid_constant__ GemvW4Params p) {    \
-        fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU>>(p);              \
+        gemv_w4_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U##_b##B##_s##S(const __grid_constant__ GemvW4Params p) { \
+        fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU, S>>(p);           \
     }
 #define FUSEDOPS_GEMV_W4_DTYPE(T, SUFFIX)                                                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4)                                          \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2)                                          \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2)                                         \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3)                                          \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 3)                                         \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 16, 1, 1)                                        \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 4)                                         \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 3)                                           \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 2, 2)                                           \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 4)                                           \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 16, 1, 1)                                          \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2)                                          \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 2, 2)                                          \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 16, 1, 1)                                         \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4, 1)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 1)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2, 1)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3, 1)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 3, 2)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 2)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 2, 4, 2)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 3, 1)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 16, 1, 1, 1)                                     \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 4, 1)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 2, 2)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 3, 1)                                        \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 2, 2, 1)                                        \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 4, 1)                                        \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 16, 1, 1, 1)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 1, 4, 2)                                        \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 2, 2)                                        \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2, 1)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 2, 2, 1)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 16, 1, 1, 1)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 1, 3, 2)                                       \
     extern "C" __global__ void __launch_bounds__(256) dequant_w4_##SUFFIX(const __grid_constant__ DequantW4Params p) { \
         fusedops::gemv_w4::dequant_w4<T>(p);                                                                  \
     }

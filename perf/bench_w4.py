@@ -106,7 +106,7 @@ def kernels(copy_gbs: float) -> tuple[list[dict], list[dict]]:
                                              torch.cuda.get_device_properties(0).multi_processor_count)
             for tuning in gemm_w4.TUNINGS[kind, tile]:
                 t = time_cycled(lambda qc: tuned_call(op, x, qc, res, out, tuning), q_copies)
-                sweep.append({"GEMM": name, "M": m, "warps x loads, min CTAs": "%d x %d, %d" % tuning,
+                sweep.append({"GEMM": name, "M": m, "warps x loads, min CTAs, stages": "%d x %d, %d, %d" % tuning,
                               "default": "yes" if tuning == default else "", "µs": t,
                               "% copy": 100 * moved / t / 1e3 / copy_gbs})
         del q_copies, w_copies, w

@@ -30,21 +30,23 @@ from .gemm import gate_up_silu_reference
 SOURCE = register_source("gemv_w4", "gemv_w4.cu")
 MAX_GEMV_TOKENS = 16                # two 8-token mma tiles (the gemv_w4_*_m16 kernels)
 ROWS_PER_CTA = 16                   # outputs a CTA owns (SwiGLU: their 16 gate + 16 up rows)
-# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap) compiled per
-# (kind, token tile) in csrc/gemv_w4.cu; default_tuning picks one.
+# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap, weight stages: 2
+# issues a warp's next W before its current mmas) compiled per (kind, token tile) in csrc/gemv_w4.cu;
+# default_tuning picks one.
 TUNINGS = {
-    ("linear", 8): ((8, 1, 4), (8, 2, 2), (16, 1, 2), (4, 4, 3)),
-    ("linear", 16): ((8, 1, 3), (16, 1, 1), (4, 2, 4)),
-    ("swiglu", 8): ((8, 1, 3), (8, 2, 2), (4, 2, 4), (16, 1, 1)),
-    ("swiglu", 16): ((8, 1, 2), (4, 2, 2), (16, 1, 1)),
+    ("linear", 8): ((8, 1, 4, 1), (8, 2, 2, 1), (16, 1, 2, 1), (4, 4, 3, 1), (8, 1, 3, 2), (8, 2, 2, 2), (4, 2, 4, 2)),
+    ("linear", 16): ((8, 1, 3, 1), (16, 1, 1, 1), (4, 2, 4, 1), (8, 1, 2, 2)),
+    ("swiglu", 8): ((8, 1, 3, 1), (8, 2, 2, 1), (4, 2, 4, 1), (16, 1, 1, 1), (4, 1, 4, 2), (8, 1, 2, 2)),
+    ("swiglu", 16): ((8, 1, 2, 1), (4, 2, 2, 1), (16, 1, 1, 1), (4, 1, 3, 2)),
 }
-# H100 graph replay, 2026-11-25, every tuning on the Llama-3-8B shapes (perf/notes/int4.md, run 3), M = 1:
-# a linear whose grid fits 2 CTAs an SM streams fastest at 8 warps x 2 loads (o_proj 6.0 us vs 6.8 for 8 x 1,
-# down 14.9 vs 17.9); a larger grid (q/k/v, 384 CTAs) at 4 x 4, whose 3 CTAs an SM hold it in one wave (7.6
-# vs 9.2 us for 8 x 2). SwiGLU 4 x 2 (8 loads in flight a lane) won at M 1-8 (26.3 vs 29.8 us for 8 x 2); at
-# M = 16 the 8 x 1 variants won on all four shapes.
-TUNING = {("linear", 8): (8, 2, 2), ("linear", 16): (8, 1, 3), ("swiglu", 8): (4, 2, 4), ("swiglu", 16): (8, 1, 2)}
-WIDE_LINEAR_TUNING = (4, 4, 3)      # linear, M <= 8, more than 2 CTAs an SM
+# H100 graph replay, 2026-11-25, every single-stage tuning on the Llama-3-8B shapes (perf/notes/int4.md,
+# run 3), M = 1: a linear whose grid fits 2 CTAs an SM streams fastest at 8 warps x 2 loads (o_proj 6.0 us
+# vs 6.8 for 8 x 1, down 14.9 vs 17.9); a larger grid (q/k/v, 384 CTAs) at 4 x 4, whose 3 CTAs an SM hold it
+# in one wave (7.6 vs 9.2 us for 8 x 2). SwiGLU 4 x 2 (8 loads in flight a lane) won at M 1-8 (26.3 vs 29.8
+# us for 8 x 2); at M = 16 the 8 x 1 variants won on all four shapes. The two-stage variants are not measured.
+TUNING = {("linear", 8): (8, 2, 2, 1), ("linear", 16): (8, 1, 3, 1), ("swiglu", 8): (4, 2, 4, 1),
+          ("swiglu", 16): (8, 1, 2, 1)}
+WIDE_LINEAR_TUNING = (4, 4, 3, 1)   # linear, M <= 8, more than 2 CTAs an SM
 DEQUANT_THREADS = 256
 DTYPES = (torch.bfloat16, torch.float16)
 KINDS = {"linear": "linear", "linear_residual": "linear", "gate_up_silu": "swiglu"}
@@ -142,7 +144,7 @@ def token_tile(m: int) -> int:
     return 8 if m <= 8 else 16
 
 
-def default_tuning(kind: str, tile: int, ctas: int, sms: int) -> tuple[int, int, int]:
+def default_tuning(kind: str, tile: int, ctas: int, sms: int) -> tuple[int, int, int, int]:
     if kind == "linear" and tile == 8 and ctas > 2 * sms:
         return WIDE_LINEAR_TUNING
     return TUNING[kind, tile]
@@ -153,13 +155,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int, int]] = None) -> str:
+def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int, int, int]] = None) -> str:
     tile = token_tile(m)
-    warps, unroll, blocks = tuning or TUNING[kind, tile]
-    if (warps, unroll, blocks) not in TUNINGS[kind, tile]:
-        raise ValueError(f"tuning: {(warps, unroll, blocks)} is not compiled for {kind} m{tile} "
-                         f"(one of {TUNINGS[kind, tile]})")
-    return f"gemv_w4_{kind}_{DTYPE_SUFFIX[dtype]}_m{tile}_w{warps}_u{unroll}_b{blocks}"
+    tuning = tuning or TUNING[kind, tile]
+    if tuning not in TUNINGS[kind, tile]:
+        raise ValueError(f"tuning: {tuning} is not compiled for {kind} m{tile} (one of {TUNINGS[kind, tile]})")
+    warps, unroll, blocks, stages = tuning
+    return f"gemv_w4_{kind}_{DTYPE_SUFFIX[dtype]}_m{tile}_w{warps}_u{unroll}_b{blocks}_s{stages}"
 
 
 def _packed(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
