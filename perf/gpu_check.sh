@@ -4,8 +4,9 @@
 #   cache (.fusedops_cache), runs the whole test suite (GPU tests included), compute-sanitizer on small cases of
 #   every op, the kernel benchmarks and the model comparison, and prints a short table last.
 # Usage (device tool): carry [".fusedops_cache", ".whl"], command `bash perf/gpu_check.sh [PARTS...] [--quick]`
-#   PARTS: any of tests gputests sanitize bench parity e2e (default: tests sanitize bench e2e); gputests runs only
-#   the tests marked gpu (the CPU ones run in CI); parity checks Mistral and Qwen2 (8 layers) against fp32.
+#   PARTS: any of tests gputests sanitize bench parity e2e diag (default: tests sanitize bench e2e); gputests runs
+#   only the tests marked gpu (the CPU ones run in CI); parity checks Mistral and Qwen2 (8 layers) against fp32;
+#   diag runs the open investigations: the second-compile slowdown and the 32-layer per-pattern parity ablation.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=""; PARTS=()
@@ -50,6 +51,10 @@ if want parity; then
     step "parity_$preset" "parity_$preset.log" python3 -m fusedops.perf --preset "$preset" --layers 8 --parity-only \
       --out "$OUT"
   done
+fi
+if want diag; then
+  step second_compile second_compile.log env FUSEDOPS_LOG=1 python3 perf/diag_second_compile.py
+  step ablate_32L ablate_32L.log python3 perf/ablate_parity.py --preset llama3-8b --layers 32 --prompts 2
 fi
 if want e2e; then
   step run_stage run_stage.log python3 perf/bench_run_stage.py
