@@ -10,6 +10,7 @@
 // is needed. A CTA owns one 16-output slice; its warps split K and add their fragments through shared
 // memory at the end, where the epilogue (bias, residual, or SwiGLU) runs once per output.
 #include "attention/mma_sm80.cuh"
+#include "common/gemv_epilogue.cuh"
 #include "common/stream_load.cuh"
 #include "common/vec.cuh"
 
@@ -154,33 +155,8 @@ __device__ __forceinline__ void gemv_cta(const GemvParams& p) {
             for (int c = 0; c < 4; ++c) partial[warp][((j * Tr::kTokenTiles + t) * 32 + lane) * 4 + c] = cta.acc[j][t][c];
     __syncthreads();
 
-    // Accumulator element i of a token tile: lane i/4 holds rows (lane/4, +8 for c >= 2), tokens 2(lane%4) + c%2.
-    for (int i = threadIdx.x; i < Tr::kTokenTiles * 128; i += Tr::kThreads) {
-        const int t = i >> 7, e = i & 127, c = e & 3, ln = e >> 2;
-        const int64_t token = 8 * t + 2 * (ln & 3) + (c & 1);
-        const int64_t col = col0 + (ln >> 2) + (c & 2 ? 8 : 0);
-        if (token >= p.m || col >= p.n) continue;
-        float sum[Tr::kRowTiles];
-#pragma unroll
-        for (int j = 0; j < Tr::kRowTiles; ++j) {
-            sum[j] = 0.f;
-#pragma unroll
-            for (int w = 0; w < Tr::kWarps; ++w) sum[j] += partial[w][(j * Tr::kTokenTiles + t) * 128 + e];
-        }
-        T* out = static_cast<T*>(p.out) + token * p.out_row_stride + col;
-        if constexpr (Tr::kSwiglu) {
-            // silu(gate) * up from the fp32 sums, rounded once (as the CUTLASS SwiGLU epilogue does;
-            // eager HF rounds the products and silu(gate) to the model dtype first).
-            const float gate = sum[0], up = sum[1];
-            *out = from_float<T>(gate / (1.f + __expf(-gate)) * up);
-        } else {
-            float y = sum[0];
-            if (p.bias) y += to_float(static_cast<const T*>(p.bias)[col]);
-            if (p.residual)  // residual + o_proj(x) in fp32, rounded once (the CUTLASS epilogue's rounding)
-                y += to_float(static_cast<const T*>(p.residual)[token * p.residual_row_stride + col]);
-            *out = from_float<T>(y);
-        }
-    }
+    const Epilogue ep{p.out, p.bias, p.residual, p.out_row_stride, p.residual_row_stride, p.m, p.n};
+    reduce_and_store<T, Tr::kRowTiles, Tr::kTokenTiles, Tr::kWarps, Tr::kThreads, Tr::kSwiglu>(partial, ep, col0);
 }
 
 }  // namespace gemv

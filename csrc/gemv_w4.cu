@@ -17,6 +17,7 @@
 // kStepK and add their fragments through shared memory once, where the epilogue runs in fp32 and rounds
 // once (bias-free linear, + residual, or silu(gate) * up), as csrc/gemv.cu does.
 #include "attention/mma_sm80.cuh"
+#include "common/gemv_epilogue.cuh"
 #include "common/stream_load.cuh"
 #include "common/vec.cuh"
 
@@ -306,29 +307,9 @@ __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
                     cta.acc[j][2 * t][c] + cta.acc[j][2 * t + 1][c];
     __syncthreads();
 
-    // Accumulator element i of a token tile: lane i/4 holds rows (lane/4, +8 for c >= 2), tokens 2(lane%4) + c%2.
-    for (int i = threadIdx.x; i < Tr::kTokenTiles * 128; i += Tr::kThreads) {
-        const int t = i >> 7, e = i & 127, c = e & 3, ln = e >> 2;
-        const int64_t token = 8 * t + 2 * (ln & 3) + (c & 1);
-        const int64_t col = col0 + (ln >> 2) + (c & 2 ? 8 : 0);
-        if (token >= p.m || col >= n_out) continue;
-        float sum[Tr::kRowTiles];
-#pragma unroll
-        for (int j = 0; j < Tr::kRowTiles; ++j) {
-            sum[j] = 0.f;
-#pragma unroll
-            for (int w = 0; w < Tr::kWarps; ++w) sum[j] += partial[w][(j * Tr::kTokenTiles + t) * 128 + e];
-        }
-        T* out = static_cast<T*>(p.out) + token * p.out_stride + col;
-        if constexpr (Tr::kSwiglu) {
-            const float gate = sum[0], up = sum[1];  // silu(gate) * up from the fp32 sums, rounded once
-            *out = from_float<T>(gate / (1.f + __expf(-gate)) * up);
-        } else {
-            float y = sum[0];
-            if (p.residual) y += to_float(static_cast<const T*>(p.residual)[token * p.res_stride + col]);
-            *out = from_float<T>(y);
-        }
-    }
+    const gemv::Epilogue ep{p.out, nullptr, p.residual, p.out_stride, p.res_stride, p.m, n_out};
+    gemv::reduce_and_store<T, Tr::kRowTiles, Tr::kTokenTiles, Tr::kWarps, Tr::kThreads, Tr::kSwiglu>(partial, ep,
+                                                                                                      col0);
 }
 
 // One thread per word: 8 weights -> one 16-byte store of ((q - z) * s) in T, the GEMV's values.
