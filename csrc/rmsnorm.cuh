@@ -27,18 +27,19 @@ struct PlainRow {
     __device__ __forceinline__ Value again(int64_t i) const { return first(i); }
 };
 
-// h = x + residual, kept in fp32 for the norm and written out rounded once (round_T(residual + x), the
-// value HF's residual stream holds). The norm of the unrounded sum is what Inductor computes when it fuses
-// the add into the norm; eager's norm of the rounded h adds one bf16 rounding of the whole residual stream
-// to every layer's norm input, which at 32 layers made fusedops' logits 1 % worse than Inductor's.
-template <typename T, int VEC>
+// h = x + residual, kept in fp32 for the norm and written out rounded once to H. The norm of the unrounded sum
+// is what Inductor computes when it fuses the add into the norm; eager's norm of the rounded h adds one bf16
+// rounding of the whole residual stream to every layer's norm input. R and H may be float while T is 16-bit:
+// the residual stream carried in fp32 between the fused adds (fusedops/backend/patterns/residual.py).
+template <typename T, typename R, typename H, int VEC>
 struct ResidualRow {
     using Value = Vec<float, VEC>;
     const T* x;
-    const T* residual;
-    T* h;
+    const R* residual;
+    H* h;
     __device__ __forceinline__ Value sum(int64_t i) const {
-        const Vec<T, VEC> a = load_vec<T, VEC>(x + i * VEC), b = load_vec<T, VEC>(residual + i * VEC);
+        const Vec<T, VEC> a = load_vec<T, VEC>(x + i * VEC);
+        const Vec<R, VEC> b = load_vec<R, VEC>(residual + i * VEC);
         Value s;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) s.v[j] = to_float(b.v[j]) + to_float(a.v[j]);
@@ -46,10 +47,10 @@ struct ResidualRow {
     }
     __device__ __forceinline__ Value first(int64_t i) const {
         const Value s = sum(i);
-        Vec<T, VEC> rounded;
+        Vec<H, VEC> out;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) rounded.v[j] = from_float<T>(s.v[j]);
-        store_vec<T, VEC>(h + i * VEC, rounded);
+        for (int j = 0; j < VEC; ++j) out.v[j] = from_float<H>(s.v[j]);
+        store_vec<H, VEC>(h + i * VEC, out);
         return s;
     }
     // Streaming second pass: the sum again from x and residual (L2-resident), not from the rounded h.

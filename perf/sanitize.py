@@ -21,6 +21,10 @@ def cases():
     yield "rms_norm", lambda: F.rms_norm(r(5, 4100), r(4100), 1e-6)
     yield "rms_norm odd", lambda: F.rms_norm(r(3, 77), r(77), 1e-6)
     yield "add_rms_norm", lambda: F.add_rms_norm(r(5, 4096), r(5, 4096), r(4096), 1e-6)
+    yield "add_rms_norm fp32 stream", lambda: F.add_rms_norm(r(5, 4096), r(5, 4096, dtype=torch.float32), r(4096),
+                                                             1e-6, True)
+    yield "add_rms_norm fp32 stream odd", lambda: F.add_rms_norm(r(3, 77), r(3, 77, dtype=torch.float32), r(77),
+                                                                 1e-6, True)
     yield "rope", lambda: F.rope(q, k, cos, sin)
     yield "rope_cache_write", lambda: F.rope_cache_write(q, k, v, cos, sin, kc, vc, pos)
     yield "silu_mul", lambda: F.silu_mul(r(3, 1001), r(3, 1001))

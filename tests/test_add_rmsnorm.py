@@ -34,12 +34,31 @@ def test_reference_rounds_h_as_hf_and_normalizes_the_unrounded_sum():
     assert rel_err(y, y64) < 0.8 * rel_err(eager_order, y64)
 
 
+def test_fp32_h_is_the_unrounded_sum_and_an_fp32_residual_is_read_as_is():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(8, 256, generator=g).bfloat16(), (1 + 0.1 * torch.randn(256, generator=g)).bfloat16()
+    r32 = 8 * torch.randn(8, 256, generator=g)            # an fp32 stream, not representable in bf16
+    y, h = op(x, r32, w, 1e-5, True)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    assert torch.equal(h, r32 + x.float())
+    assert torch.equal(y, torch.ops.fusedops.rms_norm(r32 + x.float(), w.float(), 1e-5).bfloat16())
+    y2, h2 = op(x, r32, w, 1e-5)                          # fp32 residual in, model-dtype h out
+    assert torch.equal(y2, y) and h2.dtype == torch.bfloat16 and torch.equal(h2, h.bfloat16())
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake_y, fake_h = op(mode.from_tensor(x), mode.from_tensor(x), mode.from_tensor(w), 1e-5, True)
+    assert fake_h.dtype == torch.float32 and fake_y.dtype == torch.bfloat16
+
+
 def test_opcheck_cpu():
     torch.library.opcheck(op, (torch.randn(2, 3, 32), torch.randn(2, 3, 32), torch.randn(32), 1e-6))
+    x = torch.randn(2, 3, 32).bfloat16()
+    torch.library.opcheck(op, (x, torch.randn(2, 3, 32), torch.randn(32).bfloat16(), 1e-6, True))
 
 
 @pytest.mark.parametrize("x, r, w, arg", [
     (torch.randn(2, 8), torch.randn(2, 8).half(), torch.randn(8), "residual"),
+    (torch.randn(2, 8).bfloat16(), torch.randn(2, 8).half(), torch.randn(8).bfloat16(), "residual"),
     (torch.randn(2, 8), torch.randn(2, 7), torch.randn(8), "residual"),
     (torch.randn(2, 8), torch.randn(2, 8), torch.randn(9), "weight"),
     (torch.randn(2, 8).double(), torch.randn(2, 8).double(), torch.randn(8).double(), "x"),
@@ -53,21 +72,29 @@ def test_bad_input_names_the_argument(x, r, w, arg):
 def test_ptx_has_128bit_access_and_warp_shuffles():
     ptx = compiler.emit_ptx(add_rmsnorm.SOURCE, "sm_90a")
     assert "ld.global.v4" in ptx and "st.global.v4" in ptx and "shfl.sync.bfly" in ptx
+    # every name kernel_plan can pick exists, and the fp32-stream ones read and write fp32 16 bytes at a time
+    for io in ("", "_h32", "_r32", "_r32h32"):
+        for variant in ("c1", "c2", "c4", "sv", "s1"):
+            assert f".entry add_rmsnorm_bf16_{variant}{io}(" in ptx
+    body = ptx[ptx.index(".entry add_rmsnorm_bf16_c1_r32h32("):]
+    body = body[:body.index("\n}\n")]
+    assert "ld.global.v4.f32" in body and "st.global.v4.f32" in body
 
 
 # ---------------------------------------------------------------- GPU
 
-def run_case(dtype, rows, hidden, strided, seed, items=None):
+def run_case(dtype, rows, hidden, strided, seed, items=None, r32=False, h32=False):
+    """r32 / h32: residual / h in fp32 (the fp32 residual stream; 16-bit x only)."""
     g = torch.Generator().manual_seed(seed)
     pad = 8 if strided else 0
     x = random_with_outliers((rows, hidden + pad), dtype, "cuda", g)[:, :hidden]
-    r = random_with_outliers((rows, hidden), dtype, "cuda", g, scale=3.0)
+    r = random_with_outliers((rows, hidden), torch.float32 if r32 else dtype, "cuda", g, scale=3.0)
     w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).cuda()
     y = poison_(torch.empty(rows, hidden, dtype=dtype, device="cuda"))
-    h = poison_(torch.empty_like(y))
+    h = poison_(torch.empty(rows, hidden, dtype=torch.float32 if h32 else dtype, device="cuda"))
     add_rmsnorm.launch(x, r, w, y, h, 1e-6, items)
     y_ref, h_ref = exact(x, r, w, 1e-6)
-    y_torch, h_torch = add_rmsnorm.add_rms_norm_reference(x, r, w, 1e-6)
+    y_torch, h_torch = add_rmsnorm.add_rms_norm_reference(x, r, w, 1e-6, h32)
     assert torch.equal(h, h_torch), (dtype, rows, hidden)
     assert rel_err(y, y_torch) <= MAX_ERR[dtype] / 4, (dtype, rows, hidden)   # same fp32 maths, one rounding
     err, torch_err = rel_err(y, y_ref), rel_err(y_torch, y_ref)
@@ -82,7 +109,20 @@ def test_random_sweep_vs_float64():
         hidden = rng.choice([rng.randint(1, 300), rng.randrange(8, 9000, 8),
                              rng.choice([2048, 4096, 5120, 8192, 70016])])
         rows = rng.choice([1, 4, 16, rng.randint(1, 200)])
-        run_case(dtype, rows, hidden, rng.random() < 0.25, seed)
+        half = dtype != torch.float32
+        run_case(dtype, rows, hidden, rng.random() < 0.25, seed,
+                 r32=half and rng.random() < 0.5, h32=half and rng.random() < 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r32, h32", [(False, True), (True, False), (True, True)])
+def test_fp32_residual_stream_variants(r32, h32):
+    """Every kernel variant (cached c1/c2/c4, streaming 16-byte, scalar) with an fp32 residual and/or h."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for items in rmsnorm.CACHED_ITEMS:
+            run_case(dtype, 5, 2048, False, items, items, r32, h32)
+        for rows, hidden, strided in ((3, 70016, False), (4, 37, False), (2, 4096, True)):
+            run_case(dtype, rows, hidden, strided, hidden, None, r32, h32)
 
 
 @pytest.mark.gpu

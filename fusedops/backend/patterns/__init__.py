@@ -8,6 +8,7 @@ from .attention import AttentionPattern
 from .linear import LinearResidualPattern, PlainLinearPattern, QkvPattern
 from .mlp import GateUpSiluPattern
 from .norm import RmsNormPattern
+from .residual import ResidualStreamPattern
 from .rope import RopePattern
 
 PATTERNS: tuple[Pattern, ...] = (
@@ -15,6 +16,7 @@ PATTERNS: tuple[Pattern, ...] = (
     QkvPattern(),
     LinearResidualPattern(),  # takes the residual adds before add_rms_norm (see linear.py)
     RmsNormPattern(),         # rms_norm, or add_rms_norm when the add is still there
+    ResidualStreamPattern(),  # h between add_rms_norms in fp32
     RopePattern(),            # rope_cache_write (rope + both cache writes) before plain rope
     AttentionPattern(),       # after the cache writes are known, for kv_len
     PlainLinearPattern(),     # whatever projection is left (lm_head)
