@@ -80,7 +80,7 @@ class Problem:
 
     def one_gemm_fallback(self):
         """What the op runs on cuBLAS: one GEMM over the prepared weight (+ silu*mul)."""
-        return gemm.gate_up_silu_reference(self.x, self.w_gu, gemm.GATE_UP_BLOCK)
+        return gemm.gate_up_silu_torch(self.x, self.w_gu, gemm.GATE_UP_BLOCK)
 
     def through_op(self):
         if self.op == "gate_up_silu":

@@ -301,11 +301,16 @@ def _validate_residual(x, weight, residual):
         raise ValueError(f"residual: shape {tuple(residual.shape)} != {(*x.shape[:-1], weight.shape[0])}")
 
 
+def linear_residual_reference(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The kernels' maths: fp32 products and sums, the residual added in fp32, one rounding."""
+    return (residual.float() + F.linear(x.float(), weight.float())).to(residual.dtype)
+
+
 @torch.library.custom_op("fusedops::linear_residual", mutates_args=(), device_types="cpu")
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """HF order: residual + o_proj(x), rounded once per op in the model dtype."""
+    """residual + x @ W^T (o_proj, down_proj), rounded once to the model dtype as the kernels do."""
     _validate_residual(x, weight, residual)
-    return residual + F.linear(x, weight)
+    return linear_residual_reference(x, weight, residual)
 
 
 @linear_residual.register_fake
@@ -320,15 +325,25 @@ def _validate_gate_up(x, w_gate_up, block):
         raise ValueError(f"block: {block} does not tile w_gate_up's {w_gate_up.shape[0]} rows")
 
 
+def _silu_mul(gu: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
+    gu = gu.float().reshape(*x.shape[:-1], -1, 2, block)
+    return (F.silu(gu[..., 0, :]) * gu[..., 1, :]).reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
 def gate_up_silu_reference(x: torch.Tensor, w_gate_up: torch.Tensor, block: int) -> torch.Tensor:
-    gu = F.linear(x, w_gate_up)
-    gu = gu.reshape(*x.shape[:-1], -1, 2, block)
-    return (F.silu(gu[..., 0, :]) * gu[..., 1, :]).reshape(*x.shape[:-1], -1)
+    """The kernels' maths: gate and up in fp32 (fp32 products and sums), silu(g) * u in fp32, one rounding."""
+    return _silu_mul(F.linear(x.float(), w_gate_up.float()), x, block)
+
+
+def gate_up_silu_torch(x: torch.Tensor, w_gate_up: torch.Tensor, block: int) -> torch.Tensor:
+    """The cuBLAS fallback: one GEMM in the model dtype (its output rounded, as Inductor's mm is), then
+    silu(g) * u in fp32 with one rounding."""
+    return _silu_mul(F.linear(x, w_gate_up), x, block)
 
 
 @torch.library.custom_op("fusedops::gate_up_silu", mutates_args=(), device_types="cpu")
 def gate_up_silu(x: torch.Tensor, w_gate_up: torch.Tensor, block: int) -> torch.Tensor:
-    """silu(x @ Wg^T) * (x @ Wu^T), each product rounded to the model dtype as HF's LlamaMLP does."""
+    """silu(x @ Wg^T) * (x @ Wu^T) from fp32 sums, rounded once to the model dtype as the kernels do."""
     _validate_gate_up(x, w_gate_up, block)
     return gate_up_silu_reference(x, w_gate_up, block)
 
@@ -372,5 +387,5 @@ def _(x, w_gate_up, block):
         return gemv.gemv_gate_up_silu(x2, w_gate_up, block).view(*x.shape[:-1], -1)
     route = _cutlass_route("gate_up_silu", x2, w_gate_up) if block == GATE_UP_BLOCK else None
     if route is None or w_gate_up.shape[0] % (2 * block):
-        return gate_up_silu_reference(x, w_gate_up, block)
+        return gate_up_silu_torch(x, w_gate_up, block)
     return cutlass_gate_up_silu(x2, w_gate_up, block, route).view(*x.shape[:-1], -1)

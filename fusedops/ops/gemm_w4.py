@@ -5,9 +5,9 @@
     fusedops::gate_up_silu_w4(x, qweight, scales, zeros, group)               silu(x Wg^T) * (x Wu^T)
 
 W = quant.dequantize(qweight, scales, zeros, group) (rounded to the model dtype), zeros None means
-symmetric; gate_up_silu_w4's qweight packs [Wg; Wu] (gate rows first, block = I). The CPU references
-round like the bf16 ops' references (HF order); the CUDA kernels, like the bf16 GEMV, add the residual and
-form silu(g) * u from the fp32 sums and round once.
+symmetric; gate_up_silu_w4's qweight packs [Wg; Wu] (gate rows first, block = I). The CUDA kernels, like
+the bf16 GEMV, add the residual and form silu(g) * u from the fp32 sums and round once; the CPU references
+compute the same way (the bf16 ops' references on the dequantized weight).
 
 CUDA: up to MAX_GEMV_TOKENS tokens (and a power-of-two group) run the tensor-core GEMV, one 8-token mma
 tile for M <= 8, two up to 16; more tokens dequantize the weight into a scratch tensor and run cuBLAS
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..quant import PACK, check_group, dequantize
 from ..runtime import register_source
 from ._launch import DTYPE_SUFFIX, check_cuda, check_dtype, check_same_dtype, kernel, rows_view
-from .gemm import gate_up_silu_reference
+from .gemm import gate_up_silu_reference, gate_up_silu_torch, linear_residual_reference
 
 SOURCE = register_source("gemv_w4", "gemv_w4.cu")
 MAX_GEMV_TOKENS = 16                # two 8-token mma tiles (the gemv_w4_*_m16 kernels)
@@ -115,7 +115,7 @@ def linear_residual_w4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        zeros: Optional[torch.Tensor], group: int, residual: torch.Tensor) -> torch.Tensor:
     _validate(x, qweight, scales, zeros, group)
     _validate_residual(x, qweight, residual)
-    return residual + F.linear(x, _weight(x, qweight, scales, zeros, group))
+    return linear_residual_reference(x, _weight(x, qweight, scales, zeros, group), residual)
 
 
 @linear_residual_w4.register_fake
@@ -253,7 +253,7 @@ def _(x, qweight, scales, zeros, group):
     x2 = _gemv_input(x, group)
     if x2 is None:
         w = dequantize_cuda(qweight, scales, zeros, group, x.dtype)
-        return gate_up_silu_reference(x, w, qweight.shape[0] // 2)
+        return gate_up_silu_torch(x, w, qweight.shape[0] // 2)
     out = x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
     launch_gemv("gate_up_silu", x2, qweight, scales, zeros, group, out.view(x2.shape[0], -1))
     return out
