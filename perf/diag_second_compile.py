@@ -1,7 +1,6 @@
 """Diagnostic: the second fusedops compile of one model in a process (perf suite: fusedops then
 fusedops-ro; bench_w4: bf16 then int4) measured at eager speed on the H100. Prints step times and the
 backend's log (recaptures, eager fallbacks) and Dynamo's recompiles for both compiles."""
-import logging
 import time
 
 import torch
