@@ -144,6 +144,17 @@ def test_op_matches_eager_pair_and_opcheck():
 
 
 @pytest.mark.gpu
+def test_op_carries_an_fp32_stream_on_cuda():
+    x, w = torch.randn(3, 7, 4096, device="cuda").bfloat16(), torch.randn(4096, device="cuda").bfloat16()
+    r32 = poison_(torch.empty(3, 7, 4096, device="cuda")).normal_(0, 8)
+    y, h = op(x, r32, w, 1e-5, True)
+    assert h.dtype == torch.float32 and torch.equal(h, r32 + x.float())
+    y_ref, _ = add_rmsnorm.add_rms_norm_reference(x, r32, w, 1e-5, True)
+    assert rel_err(y, y_ref) < 1e-2
+    torch.library.opcheck(op, (x, r32, w, 1e-5, True))
+
+
+@pytest.mark.gpu
 def test_sanitizer_small_cases():
     for dtype in DTYPES:
         for rows, hidden, strided in ((3, 64, False), (2, 40, True), (2, 37, False), (1, 70016, False)):
@@ -153,3 +164,13 @@ def test_sanitizer_small_cases():
 def test_kernel_plan_takes_the_vector_path_for_contiguous_rows():
     x, r, y, h = (torch.empty(16, 4096, dtype=torch.bfloat16) for _ in range(4))
     assert add_rmsnorm.kernel_plan(x, r, torch.empty(4096, dtype=torch.bfloat16), y, h) == ("add_rmsnorm_bf16_c1", 512)
+
+
+def test_kernel_plan_names_the_fp32_stream_variants_and_falls_back_when_misaligned():
+    x, y = torch.empty(4, 4096, dtype=torch.bfloat16), torch.empty(4, 4096, dtype=torch.bfloat16)
+    w, f32 = torch.empty(4096, dtype=torch.bfloat16), torch.empty(4, 4096)
+    assert add_rmsnorm.kernel_plan(x, x, w, y, f32)[0] == "add_rmsnorm_bf16_c1_h32"
+    assert add_rmsnorm.kernel_plan(x, f32, w, y, x)[0] == "add_rmsnorm_bf16_c1_r32"
+    assert add_rmsnorm.kernel_plan(x, f32, w, y, f32)[0] == "add_rmsnorm_bf16_c1_r32h32"
+    shifted = torch.empty(4 * 4096 + 4)[4:].view(4, 4096)      # 16- but not 32-byte aligned fp32 rows
+    assert add_rmsnorm.kernel_plan(x, shifted, w, y, f32)[0] == "add_rmsnorm_bf16_s1_r32h32"

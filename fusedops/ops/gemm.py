@@ -337,8 +337,14 @@ def gate_up_silu_reference(x: torch.Tensor, w_gate_up: torch.Tensor, block: int)
 
 def gate_up_silu_torch(x: torch.Tensor, w_gate_up: torch.Tensor, block: int) -> torch.Tensor:
     """The cuBLAS fallback: one GEMM in the model dtype (its output rounded, as Inductor's mm is), then
-    silu(g) * u in fp32 with one rounding."""
-    return _silu_mul(F.linear(x, w_gate_up), x, block)
+    silu(g) * u with one rounding: fusedops::silu_mul_cat (one pass, fp32 inside) on the plain [Wg; Wu]
+    layout, else fusedops::silu_mul on the gate / up views of the interleaved blocks."""
+    gu = F.linear(x, w_gate_up)
+    if block == w_gate_up.shape[0] // 2:
+        return torch.ops.fusedops.silu_mul_cat(gu)
+    blocks = gu.reshape(*x.shape[:-1], -1, 2, block)
+    out = torch.ops.fusedops.silu_mul(blocks[..., 0, :], blocks[..., 1, :])
+    return out.reshape(*x.shape[:-1], -1)
 
 
 @torch.library.custom_op("fusedops::gate_up_silu", mutates_args=(), device_types="cpu")
