@@ -254,3 +254,12 @@ def test_variants_capture_in_cuda_graphs(variant):
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out, ref) <= BF16_MAX_ERR
+
+
+@pytest.mark.parametrize("block", [16, 256])   # interleaved blocks, and the plain [Wg; Wu] layout (block = I)
+def test_cublas_fallback_rounds_the_gemm_then_silu_mul_once(block):
+    x = random_with_outliers((3, 64), torch.bfloat16, "cpu", torch.Generator().manual_seed(7))
+    w_gate, w_up = weights(256, 64, torch.bfloat16, seed=8), weights(256, 64, torch.bfloat16, seed=9)
+    out = gemm.gate_up_silu_torch(x, gemm.prepare_gate_up(w_gate, w_up, block), block)
+    g, u = F.linear(x, w_gate), F.linear(x, w_up)                  # GEMM outputs in bf16, as cuBLAS gives them
+    assert torch.equal(out, (F.silu(g.float()) * u.float()).bfloat16())
