@@ -27,3 +27,6 @@ for tag, kwargs in (("first (default mode)", {}), ("second (reduce-overhead)", {
             torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
     print(f"== {tag}: decode step ms", " ".join(f"{t:.2f}" for t in times), flush=True)
+    stats = torch._dynamo.utils.counters
+    print(f"== {tag}: dynamo stats {dict(stats['stats'])}, graph breaks {dict(stats['graph_break'])}", flush=True)
+    stats.clear()
