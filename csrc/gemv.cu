@@ -34,19 +34,9 @@ namespace fusedops {
 namespace gemv {
 
 template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU>
-struct Traits {
-    using T = T_;
-    static constexpr int kTokenTiles = TOKEN_TILES;      // 8-token mma tiles: M <= 8 * kTokenTiles
-    static constexpr int kWarps = WARPS;                 // split K inside the CTA
-    static constexpr int kUnroll = UNROLL;               // 16-byte loads per W row per lane per step
-    static constexpr bool kSwiglu = SWIGLU;
-    static constexpr int kRowTiles = SWIGLU ? 2 : 1;     // 16-row W tiles per CTA: gate + up, or one
-    static constexpr int kThreads = 32 * kWarps;
-    static constexpr int kStepK = 4 * 8 * kUnroll;       // k one warp covers per step: 4 lanes x 8 x unroll
-    static constexpr int kFragments = kRowTiles * kTokenTiles * 128;  // accumulator floats per warp
-    static constexpr int kSmemBytes = kWarps * kFragments * 4;
-    static_assert(kSmemBytes <= 48 * 1024, "partial sums must fit static shared memory");
-    static_assert(sizeof(T) == 2, "mma.sync path is for 16-bit inputs");
+struct Traits : CtaShape<T_, TOKEN_TILES, WARPS, UNROLL, SWIGLU> {
+    static constexpr int kStepK = 4 * 8 * UNROLL;        // k one warp covers per step: 4 lanes x 8 x unroll
+    static_assert(sizeof(T_) == 2, "mma.sync path is for 16-bit inputs");
 };
 
 // Every load of a step must be in flight before its first mma. Left alone, the compiler interleaved loads
@@ -156,7 +146,7 @@ __device__ __forceinline__ void gemv_cta(const GemvParams& p) {
     __syncthreads();
 
     const Epilogue ep{p.out, p.bias, p.residual, p.out_row_stride, p.residual_row_stride, p.m, p.n};
-    reduce_and_store<T, Tr::kRowTiles, Tr::kTokenTiles, Tr::kWarps, Tr::kThreads, Tr::kSwiglu>(partial, ep, col0);
+    reduce_and_store<Tr>(partial, ep, col0);
 }
 
 }  // namespace gemv

@@ -105,20 +105,10 @@ __device__ __forceinline__ uint16_t load_u16(const void* ptr) {
 }
 
 template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU, int STAGES>
-struct Traits {
-    using T = T_;
-    static constexpr int kTokenTiles = TOKEN_TILES;      // 8-token mma tiles: M <= 8 * kTokenTiles
-    static constexpr int kWarps = WARPS;                 // split K inside the CTA
-    static constexpr int kUnroll = UNROLL;               // 16-byte loads per W row per lane per step
-    static constexpr bool kSwiglu = SWIGLU;
+struct Traits : gemv::CtaShape<T_, TOKEN_TILES, WARPS, UNROLL, SWIGLU> {
     static constexpr int kStages = STAGES;               // 2: a warp loads its next step before computing this one
-    static constexpr int kRowTiles = SWIGLU ? 2 : 1;     // 16-row W tiles per CTA: gate + up, or one
-    static constexpr int kThreads = 32 * kWarps;
     static constexpr int kLoadK = 32;                    // k in one 16-byte load of packed int4
-    static constexpr int kStepK = 4 * kLoadK * kUnroll;  // k one warp covers per step: 4 lanes x 32 x unroll
-    static constexpr int kFragments = kRowTiles * kTokenTiles * 128;  // accumulator floats per warp
-    static constexpr int kSmemBytes = kWarps * kFragments * 4;
-    static_assert(kSmemBytes <= 48 * 1024, "partial sums must fit static shared memory");
+    static constexpr int kStepK = 4 * kLoadK * UNROLL;   // k one warp covers per step: 4 lanes x 32 x unroll
     static_assert(kStages == 1 || kStages == 2, "one step in registers, or this one and the next");
 };
 
@@ -308,8 +298,7 @@ __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
     __syncthreads();
 
     const gemv::Epilogue ep{p.out, nullptr, p.residual, p.out_stride, p.res_stride, p.m, n_out};
-    gemv::reduce_and_store<T, Tr::kRowTiles, Tr::kTokenTiles, Tr::kWarps, Tr::kThreads, Tr::kSwiglu>(partial, ep,
-                                                                                                      col0);
+    gemv::reduce_and_store<Tr>(partial, ep, col0);
 }
 
 // One thread per word: 8 weights -> one 16-byte store of ((q - z) * s) in T, the GEMV's values.
