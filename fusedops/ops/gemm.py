@@ -325,14 +325,10 @@ def _validate_gate_up(x, w_gate_up, block):
         raise ValueError(f"block: {block} does not tile w_gate_up's {w_gate_up.shape[0]} rows")
 
 
-def _silu_mul(gu: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
-    gu = gu.float().reshape(*x.shape[:-1], -1, 2, block)
-    return (F.silu(gu[..., 0, :]) * gu[..., 1, :]).reshape(*x.shape[:-1], -1).to(x.dtype)
-
-
 def gate_up_silu_reference(x: torch.Tensor, w_gate_up: torch.Tensor, block: int) -> torch.Tensor:
     """The kernels' maths: gate and up in fp32 (fp32 products and sums), silu(g) * u in fp32, one rounding."""
-    return _silu_mul(F.linear(x.float(), w_gate_up.float()), x, block)
+    gu = F.linear(x.float(), w_gate_up.float()).reshape(*x.shape[:-1], -1, 2, block)
+    return (F.silu(gu[..., 0, :]) * gu[..., 1, :]).reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 def gate_up_silu_torch(x: torch.Tensor, w_gate_up: torch.Tensor, block: int) -> torch.Tensor:
