@@ -15,9 +15,11 @@ model = models.random_model(models.preset_config("tiny"), device, seed=0)
 models.cast_parameters(model, torch.bfloat16)
 pool = measure.CachePool()
 prompt = measure.random_tokens((1, 32), model.config.vocab_size, device, seed=0)
-for tag, kwargs in (("first (default mode)", {}), ("second (reduce-overhead)", {"mode": "reduce-overhead"})):
+RUNS = (("eager", None), ("first (default mode)", {}), ("second (reduce-overhead)", {"mode": "reduce-overhead"}),
+        ("third (default mode)", {}), ("fourth (no CUDA graphs)", {"options": {"cuda_graphs": False}}))
+for tag, kwargs in RUNS:
     torch._dynamo.reset()
-    fn = torch.compile(model, backend="fusedops", dynamic=False, **kwargs)
+    fn = model if kwargs is None else torch.compile(model, backend="fusedops", dynamic=False, **kwargs)
     cache = pool.get(model, 1, 128)
     with torch.no_grad():
         out = measure.forward(fn, prompt, cache, torch.arange(32, device=device))
