@@ -332,6 +332,31 @@ def test_cuda_moved_cache_recaptures():
     assert len(runner.graphs) == 1 and not runner.eager_only
 
 
+@pytest.mark.gpu
+def test_cuda_capture_after_every_earlier_graph_died(monkeypatch):
+    """A second compile of one model: the first compile's graphs are gone but the caller still holds
+    an output they allocated from the shared pool. The next capture must still work (before the
+    sentinel graph it hit the allocator's `use_count > 0` assert and ran eagerly)."""
+    import gc
+    from fusedops.backend import cudagraphs
+    monkeypatch.setattr(cudagraphs, "_pools", {})      # a fresh pool, whatever earlier tests captured
+    w = torch.nn.Parameter(torch.randn(10, 64, device="cuda"), requires_grad=False)
+    gm = trace(decode_step)
+    kept = []
+    for attempt in range(3):
+        cache = torch.zeros(8, 64, device="cuda")
+        runner = GraphRunner(gm.forward, gm, [torch.tensor([1], device="cuda"), cache,
+                                              torch.tensor([0], device="cuda"), w],
+                             parse_options(mode="reduce-overhead"))
+        for step in range(3):
+            out, _ = runner(torch.tensor([step], device="cuda"), cache, torch.tensor([step], device="cuda"), w)
+        assert not runner.eager_only, f"compile {attempt}: {runner.eager_only}"
+        assert runner.graphs[None].replays == 2
+        kept.append(out)                                 # a static output outlives its graph
+        del runner
+        gc.collect()
+
+
 def cuda_llama(dtype, layers=2, seed=0):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,

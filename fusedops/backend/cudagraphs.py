@@ -53,10 +53,24 @@ _data_ptr = torch.Tensor.data_ptr
 
 
 def shared_pool(device_index: int):
-    """The one private memory pool that every fusedops capture on this device allocates from."""
+    """The one private memory pool that every fusedops capture on this device allocates from.
+
+    A pool id stays valid only while some graph captured into it is alive: once the last one dies
+    (a compiled model dropped, torch._dynamo.reset()) while tensors it allocated are still held (the
+    static outputs the caller kept), the allocator keeps the pool with a use count of 0 and the next
+    capture into that id fails its INTERNAL ASSERT `use_count > 0`. The second compile of a model then
+    ran without graphs, at eager speed (H200, 2026-12-03). A one-op sentinel graph captured into the
+    pool and kept here for the life of the process holds the count at >= 1.
+    """
     if device_index not in _pools:
-        _pools[device_index] = torch.cuda.graph_pool_handle()
-    return _pools[device_index]
+        handle = torch.cuda.graph_pool_handle()
+        with torch.cuda.device(device_index):
+            scratch = torch.zeros(1, device=f"cuda:{device_index}")
+            sentinel = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(sentinel, pool=handle):
+                scratch.add_(1)
+        _pools[device_index] = (handle, sentinel, scratch)
+    return _pools[device_index][0]
 
 
 def _target_name(node: torch.fx.Node) -> str:
