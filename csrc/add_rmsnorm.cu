@@ -3,6 +3,7 @@
 //   fused add + norm does), not of the rounded h.  Writes both y and h. One CTA per row. The residual and h
 //   are in the model dtype T, or in fp32 where the rewrite carries the residual stream in fp32.
 // Variants as in rmsnorm.cu: c<ITEMS> (row in registers), sv (streaming, 16-byte), s1 (streaming, scalar).
+#include "common/pdl.cuh"
 #include "rmsnorm.cuh"
 
 struct AddRmsNormParams {
@@ -42,6 +43,7 @@ __device__ __forceinline__ void add_rmsnorm_row(const AddRmsNormParams& p) {
 #define FUSEDOPS_ADD_RMSNORM_KERNEL(T, R, H, NAME, SUFFIX, IO, VEC, ITEMS, MAX_THREADS)                       \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
         add_rmsnorm_##NAME##_##SUFFIX##IO(const __grid_constant__ AddRmsNormParams p) {                       \
+        fusedops::pdl::enter();                                                                               \
         fusedops::add_rmsnorm_row<T, R, H, VEC, ITEMS>(p);                                                    \
     }
 #define FUSEDOPS_ADD_RMSNORM_VARIANTS_IO(T, R, H, NAME, IO)                                                   \

@@ -6,6 +6,7 @@
 // length comes from kv_len[b] on the device; CTAs past it exit. With one split the CTA writes the
 // output; otherwise it writes a normalized fp32 partial and its log-sum-exp, and attn_decode_combine_*
 // merges the splits that had keys.
+#include "common/pdl.cuh"
 #include "attention/mma_sm80.cuh"
 #include "attention_decode_params.cuh"
 #include "common/reduce.cuh"
@@ -301,11 +302,13 @@ __device__ __forceinline__ void combine_splits(const DecodeParams& p) {
 #define FUSEDOPS_DECODE_SPLIT(T, NAME, D, M)                                                            \
     extern "C" __global__ void __launch_bounds__(128 * M)                                               \
         attn_decode_##NAME##_d##D##_m##M(const __grid_constant__ DecodeParams p) {                       \
+        fusedops::pdl::enter();                                                                          \
         fusedops::decode::decode_split<fusedops::decode::DecodeTraits<T, D, M>>(p);                     \
     }
 #define FUSEDOPS_DECODE_COMBINE(T, NAME, D)                                                             \
     extern "C" __global__ void __launch_bounds__(128)                                                   \
         attn_decode_combine_##NAME##_d##D(const __grid_constant__ DecodeParams p) {                      \
+        fusedops::pdl::enter();                                                                          \
         fusedops::decode::combine_splits<T, D>(p);                                                      \
     }
 #define FUSEDOPS_DECODE_VARIANTS(T, NAME)                                                               \

@@ -5,6 +5,7 @@
 // CTA = 32 x 8 threads over 32 adjacent cells of one cell row: lane x owns cell c (32 keys, two 16-byte
 // loads per mask row: a warp reads 1 KiB contiguous per row), y owns 8 of the 64 rows; the 8 partial
 // flags meet in shared memory.
+#include "common/pdl.cuh"
 #include "attention/prefill_params.cuh"
 
 namespace {
@@ -25,6 +26,7 @@ __device__ __forceinline__ uint32_t chunk_flags(const uint4& v) {
 
 extern "C" __global__ void __launch_bounds__(32 * kRowGroups)
     attention_mask_blocks(const __grid_constant__ MaskBlocksParams p) {
+    fusedops::pdl::enter();  // before any read or write of tensors (common/pdl.cuh)
     __shared__ uint8_t partial[kRowGroups][32];
     const int cell_col = blockIdx.x * 32 + threadIdx.x, cell_row = blockIdx.y;
     const int batch = blockIdx.z / p.heads, head = blockIdx.z % p.heads;

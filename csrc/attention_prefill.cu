@@ -12,6 +12,7 @@
 //
 // The variant (head dim, tile sizes, warps) comes from -D flags set by the Python table
 // PREFILL_TILES in fusedops/ops/attention.py: one cubin per variant, bf16 and fp16 kernels in each.
+#include "common/pdl.cuh"
 #include "attention/mma_sm80.cuh"
 #include "attention/online_softmax.cuh"
 #include "attention/prefill_params.cuh"
@@ -350,6 +351,7 @@ __device__ __forceinline__ void prefill_attention(const AttentionPrefillParams& 
         fusedops::attn::PrefillTraits<T, FA_HEAD_DIM, FA_BLOCK_M, FA_BLOCK_N, FA_WARPS, 2>;           \
     extern "C" __global__ void __launch_bounds__(FA_WARPS * 32, FA_MIN_BLOCKS)                        \
         attention_prefill_##NAME(const __grid_constant__ AttentionPrefillParams p) {                 \
+        fusedops::pdl::enter();                                                                      \
         fusedops::attn::prefill_attention<PrefillTraits_##NAME>(p);                                   \
     }
 

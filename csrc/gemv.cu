@@ -9,6 +9,7 @@
 // of x token g: the A and B fragments then agree on a permuted k, and no shuffle or shared-memory staging
 // is needed. A CTA owns one 16-output slice; its warps split K and add their fragments through shared
 // memory at the end, where the epilogue (bias, residual, or SwiGLU) runs once per output.
+#include "common/pdl.cuh"
 #include "attention/mma_sm80.cuh"
 #include "common/gemv_epilogue.cuh"
 #include "common/stream_load.cuh"
@@ -131,6 +132,18 @@ __device__ __forceinline__ void gemv_cta(const GemvParams& p) {
         cta.x[t] = static_cast<const T*>(p.x) + (cta.token_ok[t] ? token : 0) * p.x_row_stride + 8 * quad;
     }
     attn::zero_fragments(cta.acc);
+
+    // W does not depend on the kernel before this one: start pulling this warp's first step toward L2
+    // while that kernel finishes (programmatic dependent launch, common/pdl.cuh), then wait for x.
+    if (warp < p.k / Tr::kStepK) {
+#pragma unroll
+        for (int u = 0; u < Tr::kUnroll; ++u)
+#pragma unroll
+            for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) pdl::prefetch_l2(cta.w[j][h] + warp * Tr::kStepK + 32 * u);
+    }
+    pdl::enter();
 
     // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
     const int64_t full_steps = p.k / Tr::kStepK;

@@ -16,6 +16,7 @@
 // A CTA owns 16 outputs (SwiGLU: their 16 gate and 16 up rows); its warps split K round-robin in steps of
 // kStepK and add their fragments through shared memory once, where the epilogue runs in fp32 and rounds
 // once (bias-free linear, + residual, or silu(gate) * up), as csrc/gemv.cu does.
+#include "common/pdl.cuh"
 #include "attention/mma_sm80.cuh"
 #include "common/gemv_epilogue.cuh"
 #include "common/stream_load.cuh"
@@ -325,6 +326,7 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
 #define FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U, B, S)                           \
     extern "C" __global__ void __launch_bounds__(32 * W, B)                                                   \
         gemv_w4_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U##_b##B##_s##S(const __grid_constant__ GemvW4Params p) { \
+        fusedops::pdl::enter();                                                                                   \
         fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU, S>>(p);           \
     }
 #define FUSEDOPS_GEMV_W4_DTYPE(T, SUFFIX)                                                                     \
@@ -350,6 +352,7 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 16, 1, 1, 1)                                      \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 1, 3, 2)                                       \
     extern "C" __global__ void __launch_bounds__(256) dequant_w4_##SUFFIX(const __grid_constant__ DequantW4Params p) { \
+        fusedops::pdl::enter();                                                                                        \
         fusedops::gemv_w4::dequant_w4<T>(p);                                                                  \
     }
 

@@ -4,6 +4,7 @@
 // Two-pass statistics (mean, then the mean of (x - mean)^2), exact in registers.
 // One CTA per row: c<ITEMS> keep the row (and w, b) in registers; sv / s1 stream the row three times
 // (the re-reads are served from L1/L2), with 16-byte vectors or element by element.
+#include "common/pdl.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 
@@ -117,6 +118,7 @@ __device__ __forceinline__ void layernorm_row(const LayerNormParams& p) {
 
 #define FUSEDOPS_LAYERNORM_KERNEL(T, NAME, SUFFIX, VEC, ITEMS, MAX_THREADS)                                  \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) layernorm_##NAME##_##SUFFIX(const __grid_constant__ LayerNormParams p) { \
+        fusedops::pdl::enter();                                                                                                        \
         fusedops::layernorm_row<T, VEC, ITEMS>(p);                                                          \
     }
 #define FUSEDOPS_LAYERNORM_VARIANTS(T, NAME)                                        \

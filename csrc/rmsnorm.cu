@@ -1,6 +1,7 @@
 // RMSNorm forward: y = LlamaRMSNorm(x). Row kernels in rmsnorm.cuh; one CTA per row.
 // Variants: c<ITEMS> keep ITEMS 16-byte vectors per thread in registers; sv streams with 16-byte
 // vectors; s1 streams element by element (hidden size, row stride or pointer not 16-byte friendly).
+#include "common/pdl.cuh"
 #include "rmsnorm.cuh"
 
 struct RmsNormParams {
@@ -32,6 +33,7 @@ __device__ __forceinline__ void rmsnorm_row(const RmsNormParams& p) {
 
 #define FUSEDOPS_RMSNORM_KERNEL(T, NAME, SUFFIX, VEC, ITEMS, MAX_THREADS)                                              \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) rmsnorm_##NAME##_##SUFFIX(const __grid_constant__ RmsNormParams p) { \
+        fusedops::pdl::enter();                                                                                                    \
         fusedops::rmsnorm_row<T, VEC, ITEMS>(p);                                                          \
     }
 #define FUSEDOPS_RMSNORM_VARIANTS(T, NAME)                                    \

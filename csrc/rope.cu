@@ -7,6 +7,7 @@
 // One CTA per token (b, s); its threads walk (head, chunk) pairs of q heads, then k heads, then
 // (cache mode) v heads. A chunk is two VEC-element vectors holding whole rotation pairs: halves mode
 // takes vectors at c*VEC and c*VEC + D/2, interleaved mode the neighbours 2c*VEC and (2c+1)*VEC.
+#include "common/pdl.cuh"
 #include "common/vec.cuh"
 
 struct RopeParams {
@@ -135,6 +136,7 @@ __device__ __forceinline__ void rope_token(const RopeParams& p) {
 
 #define FUSEDOPS_ROPE_KERNEL(T, C, NAME, SUFFIX, VEC, INTERLEAVED)                                           \
     extern "C" __global__ void __launch_bounds__(kRopeThreads) rope_##NAME##_##SUFFIX(const __grid_constant__ RopeParams p) { \
+        fusedops::pdl::enter();                                                                                               \
         fusedops::rope_token<T, C, VEC, INTERLEAVED>(p);                                                     \
     }
 // NAME: q/k dtype, and _c32 where cos/sin are fp32

@@ -2,6 +2,7 @@
 // 2-D launch: blockIdx.y walks rows (grid-stride past 65535), x-threads walk VEC-element vectors of a
 // row; the last vector of a row that does not fill VEC elements goes element by element.
 // silu_mul passes g and u as one long row; silu_mul_cat passes rows of [g | u] with u = g + I.
+#include "common/pdl.cuh"
 #include "common/vec.cuh"
 
 struct SiluMulParams {
@@ -53,6 +54,7 @@ __device__ __forceinline__ void silu_mul_rows(const SiluMulParams& p) {
 
 #define FUSEDOPS_SILU_MUL_KERNEL(T, NAME, SUFFIX, VEC)                                                   \
     extern "C" __global__ void __launch_bounds__(1024) silu_mul_##NAME##_##SUFFIX(const __grid_constant__ SiluMulParams p) { \
+        fusedops::pdl::enter();                                                                                              \
         fusedops::silu_mul_rows<T, VEC>(p);                                                              \
     }
 #define FUSEDOPS_SILU_MUL_VARIANTS(T, NAME)                 \

@@ -5,6 +5,7 @@
 //   c<ITEMS>  one CTA per row, row in registers (max, then sum, from the same registers)
 //   o / o1    one CTA per row, online: one pass keeps a running (max, sum) per thread, merged across
 //             the CTA; a second pass writes (rows too long for registers; o1 = element by element)
+#include "common/pdl.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 
@@ -139,6 +140,7 @@ __device__ __forceinline__ void softmax_block_row(const SoftmaxParams& p) {
 
 #define FUSEDOPS_SOFTMAX_KERNEL(T, NAME, SUFFIX, BODY, VEC, ITEMS, MAX_THREADS)                             \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS) softmax_##NAME##_##SUFFIX(const __grid_constant__ SoftmaxParams p) { \
+        fusedops::pdl::enter();                                                                                                    \
         fusedops::BODY<T, VEC, ITEMS>(p);                                                                   \
     }
 #define FUSEDOPS_SOFTMAX_VARIANTS(T, NAME)                                                          \

@@ -6,6 +6,7 @@
 // tile in 32 different banks (conflict-free in both phases; checked by the bank arithmetic below).
 // WIDE: 4-byte global accesses (needs N and M multiples of P and 4-byte aligned rows); otherwise
 // element accesses with the same tile.
+#include "common/pdl.cuh"
 #include "common/vec.cuh"
 
 struct TransposeParams {
@@ -94,6 +95,7 @@ __device__ __forceinline__ void transpose_tile(const TransposeParams& p) {
 
 #define FUSEDOPS_TRANSPOSE_KERNEL(T, NAME, SUFFIX, WIDE)                                                      \
     extern "C" __global__ void __launch_bounds__(32 * kBlockRows, kMinCtasPerSm) transpose_##NAME##_##SUFFIX(const __grid_constant__ TransposeParams p) { \
+        fusedops::pdl::enter();                                                                                                                           \
         fusedops::transpose_tile<T, WIDE>(p);                                                                 \
     }
 // fp32 words are single elements, always "wide": it has no narrow variant.

@@ -141,6 +141,29 @@ def test_every_kernel_source_builds_for_sm90a_without_spills(name, tmp_path, mon
     assert not spills, f"{name} spills registers:\n" + "\n".join(spills)
 
 
+@pytest.mark.nvcc
+@pytest.mark.parametrize("name", sorted(n for n, s in registry.SOURCES.items() if s.pdl))
+def test_every_pdl_kernel_waits_for_its_predecessor(name):
+    """A source marked pdl is launched so that it may start before the previous kernel ends: each entry
+    must wait (griddepcontrol.wait) before it reads an input, and release the next kernel only after."""
+    import re
+    ptx = compiler.emit_ptx(registry.SOURCES[name], "sm_90a")
+    entries = re.split(r"\.entry\s+", ptx)[1:]
+    assert entries, f"{name}: no kernel entries in the PTX"
+    for body in entries:
+        entry = body.split("(", 1)[0]
+        wait, release = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents")
+        assert wait >= 0, f"{name}: {entry} never waits for its predecessor"
+        assert release > wait, f"{name}: {entry} releases the next kernel before it waits"
+        first_load = min((i for i in (body.find("ld.global"), body.find("cp.async"), body.find("st.global"))
+                          if i >= 0), default=len(body))
+        assert wait < first_load, f"{name}: {entry} touches global memory before it waits"
+
+
+def test_shared_library_sources_are_not_launched_early():
+    assert all(not s.pdl for s in registry.SOURCES.values() if s.shared_library)
+
+
 def test_cli_info_without_gpu_says_so(tmp_path):
     env = {"FUSEDOPS_CACHE": str(tmp_path), "PATH": __import__("os").environ["PATH"]}
     out = subprocess.run([sys.executable, "-m", "fusedops", "info"], capture_output=True, text=True, env=env)

@@ -32,7 +32,7 @@ from . import gemv
 from ._launch import check_cuda, check_dtype, check_same_dtype, rows16_problem, rows_view
 
 CUTLASS_ARCH = "sm_90a"
-SOURCES = {v.name: register_source(v.name, str(v.path), uses_cutlass=True, shared_library=True,
+SOURCES = {v.name: register_source(v.name, str(v.path), uses_cutlass=True, shared_library=True, pdl=False,
                                    archs=(CUTLASS_ARCH,)) for v in VARIANTS}
 _SWIGLU_TILE_N = {v.tile[1] for v in VARIANTS if v.epilogue == "swiglu"}
 assert len(_SWIGLU_TILE_N) <= 1, "every SwiGLU variant must share one tile N (one prepared weight)"

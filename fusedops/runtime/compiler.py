@@ -41,6 +41,9 @@ class KernelSource:
     uses_cutlass: bool = False     # add nvidia-cutlass include paths and version to the key
     shared_library: bool = False   # build a host .so (C ABI launcher) instead of a cubin
     archs: tuple[str, ...] = field(default=("sm_90a", "sm_89", "sm_80"))  # archs it supports
+    # every kernel calls pdl::enter() (csrc/common/pdl.cuh) before touching tensors, so the launcher may
+    # start it early (programmatic dependent launch); tests/test_runtime.py checks the PTX of each entry
+    pdl: bool = True
 
 
 def cache_dir() -> Path:

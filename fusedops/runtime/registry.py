@@ -33,7 +33,8 @@ def _load(source_name: str, function: str, params_type: type, device_index: int)
     src = SOURCES[source_name]
     arch = device_arch(torch.device("cuda", device_index))
     cubin = compiler.build(src, arch)
-    return Kernel.load(cubin, function, params_type, device_index)
+    major, _ = torch.cuda.get_device_capability(device_index)
+    return Kernel.load(cubin, function, params_type, device_index, pdl=src.pdl and major >= 9)
 
 
 def get_kernel(source: KernelSource, function: str, params_type: type, device: torch.device) -> Kernel:
