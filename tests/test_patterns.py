@@ -2,6 +2,8 @@
 5.x spellings), the near-misses it must name, and the weight store and options it relies on."""
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -293,3 +295,86 @@ def test_one_block_map_per_mask_and_none_for_decode(s, maps):
     assert report.matches["attention"] == 2
     assert report.ops_after["fusedops.attention_mask_blocks"] == maps
     assert rel_err(out, two_layers_with_hf_mask(q.double(), k.double(), v.double())) <= 1e-5
+
+
+# ---- decode-step glue: the StaticCache counter as kv_len, repeated aranges computed once -------------------
+
+def _traced_counter_step(advance, start=None, after=False):
+    """The graph HF's StaticCache layer gives Dynamo: pos = arange(1) + counter; counter.add_(advance);
+    then attention (torch.neg stands in). Returns (pos node, attention node)."""
+    g = torch.fx.Graph()
+    counter = g.placeholder("cumulative_length")
+    counter.meta["example_value"] = torch.tensor(0)        # what Dynamo records: a 0-d int64 counter
+    rng = g.call_function(torch.arange, (1,) if start is None else (start, start + 1))
+    pos = g.call_function(operator.add, (rng, counter))
+    if not after:
+        g.call_method("add_", (counter, advance))
+    attention = g.call_function(torch.neg, (pos,))
+    if after:
+        g.call_method("add_", (counter, advance))
+    g.output(attention)
+    return pos, attention
+
+
+def test_kv_len_is_the_advanced_counter_only_when_it_provably_equals_pos_last_plus_one():
+    from fusedops.backend.patterns.attention import _advanced_counter
+    pos, attention = _traced_counter_step(1)
+    advance = _advanced_counter(pos, attention)
+    assert advance is not None and advance.target == "add_"
+    assert _advanced_counter(*_traced_counter_step(2)) is None              # another step than arange's length
+    assert _advanced_counter(*_traced_counter_step(1, start=3)) is None     # arange with a start
+    assert _advanced_counter(*_traced_counter_step(1, after=True)) is None  # advanced only after attention
+
+
+def test_hf_static_cache_decode_reads_the_advanced_counter_and_shares_one_arange():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    reference = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    reference.load_state_dict(model.state_dict())
+    results = []
+
+    def backend(gm, example_inputs):
+        results.append(rewrite_graph(gm, example_inputs, RewriteOptions()))
+        return results[-1].gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    caches = [transformers.StaticCache(config=cfg, max_cache_len=16) for _ in range(2)]
+    tokens = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for step in range(4):
+            chunk, pos = (tokens, torch.arange(5)) if step == 0 else (tokens[:, step:step + 1], torch.tensor([4 + step]))
+            got = compiled(chunk, past_key_values=caches[0], cache_position=pos).logits
+            want = reference(chunk, past_key_values=caches[1], cache_position=pos).logits
+            assert rel_err(got, want) <= 1e-4
+    decode = results[-1]
+    attentions = [n for n in decode.gm.graph.nodes if n.target is torch.ops.fusedops.attention.default]
+    assert len(attentions) == 3
+    for node in attentions:
+        kv_len = node.args[6]
+        assert kv_len.target is torch.reshape and kv_len.args[0].target == "add_"
+        assert "cumulative_length" in kv_len.args[0].args[0].name
+    aranges = [n for n in decode.gm.graph.nodes if n.target is torch.arange]
+    assert len({(n.args, tuple(n.kwargs.items())) for n in aranges}) == len(aranges) < 3
+    assert any("arange" in note for note in decode.report.notes)
+
+
+def test_factories_with_a_writer_or_other_arguments_stay_apart():
+    from fusedops.backend.patterns.factories import share_identical_factories
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a, b, c, d = (g.call_function(torch.arange, (n,)) for n in (4, 4, 5, 4))
+    g.call_method("mul_", (d, 2))                       # d is written in place: not a constant
+    g.output((g.call_function(operator.add, (x, a)), g.call_function(operator.add, (x, b)),
+              g.call_function(operator.add, (c, 1)), g.call_function(operator.add, (x, d))))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    x = torch.randn(4)
+    want = gm(x)
+    assert share_identical_factories(gm.graph) == 1     # b joins a; c has another length; d is written
+    gm.recompile()
+    for got, expected in zip(gm(x), want):
+        torch.testing.assert_close(got, expected)
+    assert sum(n.target is torch.arange for n in gm.graph.nodes) == 3

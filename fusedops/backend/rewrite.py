@@ -5,8 +5,8 @@
     result.report             # matches per pattern, replacements, near-misses, fallbacks, time
     result.prepared_weights   # the weights built (stacked qkv, gate/up), each with its extra memory
 
-Everything unmatched stays exactly as Dynamo traced it (StaticCache index_copy_ mutations
-included). Any error inside a pattern falls back to the unmodified graph, with the reason in the
+Everything unmatched stays as Dynamo traced it (StaticCache index_copy_ mutations included), except
+that identical torch.arange calls are computed once (patterns/factories.py). Any error inside a pattern falls back to the unmodified graph, with the reason in the
 report. See docs/backend_design.md for the choices made here.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from .patterns import ALL_FUSIONS, PATTERNS, Context, op_counts
+from .patterns.factories import share_identical_factories
 from .report import Report
 from .weights import MODES, PreparedWeight
 
@@ -83,6 +84,9 @@ def rewrite_graph(gm: GraphModule, example_inputs: Sequence[Any],
                 if any(ctx.enabled(name) for name in pattern.names):
                     pattern.apply(ctx)
                     ctx.erase_dead()  # later patterns must not see the nodes this one consumed
+            shared = share_identical_factories(work.graph)
+            if shared:
+                report.notes.append(f"{shared} repeated torch.arange call(s) computed once (one kernel each fewer)")
             work.graph.lint()
             work.recompile()
         except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:

@@ -8,7 +8,8 @@
 Float masks become boolean ones where the graph proves it exact (masks.py).
 When k/v are a static cache written in this graph at positions `pos` (index_copy_ or
 rope_cache_write) and a boolean mask hides the unwritten tail, kv_len = pos[-1:] + 1 is passed so
-that decode reads only the filled part of the cache. Prefill attention with a boolean mask also gets
+that decode reads only the filled part of the cache (HF's StaticCache counter itself, once advanced,
+when the graph shows it equals that). Prefill attention with a boolean mask also gets
 the mask's block map (one per mask node, masks.mask_blocks), so that HF's StaticCache mask runs at
 causal speed with no assumption about its values.
 """
@@ -18,6 +19,7 @@ import operator
 from typing import Any
 
 import torch
+from torch.fx import Node
 
 from ...ops.attention import DECODE_MAX_QUERIES, cuda_unsupported
 from .base import Context
@@ -51,6 +53,33 @@ def _cache_positions(ctx: Context) -> dict:
         elif node.target is OPS.rope_cache_write.default:
             written[node.args[5]] = written[node.args[6]] = node.args[7]
     return written
+
+
+def _advanced_counter(pos, attention) -> Any:
+    """HF's StaticCache layer: pos = arange(n) + counter, then counter.add_(n), both before attention.
+    The advanced counter is then pos[-1] + 1, so attention can read it (a view) instead of a new
+    pos[-1:] + 1: one small kernel a layer fewer in a decode step. The add_ node, or None when the graph
+    is not exactly that (another write to the counter before attention, another step, a start offset)."""
+    if kind(pos) != "add" or not binary_operands(pos):
+        return None
+    ranges = [a for a in pos.args if isinstance(a, Node) and a.op == "call_function"
+              and a.target is torch.arange]
+    if len(ranges) != 1 or len(ranges[0].args) != 1:  # arange(n) alone: 0 .. n-1
+        return None
+    rng = ranges[0]
+    counter = pos.args[1] if pos.args[0] is rng else pos.args[0]
+    if (not isinstance(counter, Node) or dtype(counter) not in (torch.int32, torch.int64)
+            or shape(counter) not in ((), (1,))):
+        return None
+    order = {n: i for i, n in enumerate(pos.graph.nodes)}
+    between = [u for u in counter.users if order[pos] < order[u] < order[attention]]
+    if len(between) != 1:
+        return None
+    advance = between[0]
+    if (advance.op != "call_method" or advance.target != "add_" or advance.kwargs
+            or advance.args[0] is not counter or len(advance.args) != 2 or not same(advance.args[1], rng.args[0])):
+        return None
+    return advance
 
 
 class AttentionPattern:
@@ -150,8 +179,12 @@ class AttentionPattern:
         kv_len = None
         pos = positions.get(k)
         if pos is not None and positions.get(v) is pos and mask is not None and not is_causal:
-            last = ctx.call(operator.getitem, (pos, slice(-1, None, None)), node)
-            kv_len = ctx.call(operator.add, (last, 1), node)
+            advance = _advanced_counter(pos, node)
+            if advance is not None:
+                kv_len = ctx.call(torch.reshape, (advance, (1,)), node)
+            else:
+                last = ctx.call(operator.getitem, (pos, slice(-1, None, None)), node)
+                kv_len = ctx.call(operator.add, (last, 1), node)
         blocks = None
         if mask is not None and not (isinstance(qs[2], int) and qs[2] <= DECODE_MAX_QUERIES):  # decode: unused
             blocks = mask_blocks(ctx, mask, node)
