@@ -130,7 +130,7 @@ def main():
             row["rel err (cuBLAS)"] = f"{err:.1e} ({base_err:.1e})"
             rows.append(row)
             del p
-    table(rows, f"GEMV vs cuBLAS, bf16, CUDA-graph replay, copy {copy_gbs:.0f} GB/s, tunings {gemv.TUNING}",
+    table(rows, f"GEMV vs cuBLAS, bf16, CUDA-graph replay, copy {copy_gbs:.0f} GB/s, tunings {gemv._device_table(torch.cuda.current_device()) or gemv.TUNING}",
           "gemv.md")
 
 

@@ -219,3 +219,18 @@ def test_partial_steps_ignore_nan_memory_past_the_rows(dtype, k):
     out = gemv.gemv_gate_up_silu(x, w_gu, 16)
     assert not out.isnan().any()
     _check(out, ref, _torch_swiglu(x, w[:32], 16))
+
+
+def test_device_tunings_are_compiled_and_picked_by_device_name(monkeypatch):
+    for kinds in gemv.DEVICE_TUNING.values():
+        for (kind, tile), tuning in kinds.items():
+            assert tuning in gemv.TUNINGS[kind] and tile in (8, 16)
+    gemv._device_table.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    assert gemv.default_tuning("swiglu", 1, torch.device("cuda", 0)) == (8, 2)
+    assert gemv.default_tuning("swiglu", 16, torch.device("cuda", 0)) == (4, 4)
+    assert gemv.default_tuning("linear", 8, torch.device("cuda", 0)) == (16, 2)
+    gemv._device_table.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    assert gemv.default_tuning("swiglu", 1, torch.device("cuda", 0)) == gemv.TUNING["swiglu"]
+    gemv._device_table.cache_clear()

@@ -11,6 +11,7 @@ ValueError naming the argument instead. No workspace, no host sync: safe inside 
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Optional
 
 import torch
@@ -27,6 +28,23 @@ ROWS_PER_CTA = 16  # outputs a CTA owns (one mma row tile; SwiGLU reads 16 gate 
 # perf/notes/gemv.md): 16 warps 1-10 % slower, 8 x 2 2-7 % slower, SwiGLU 4 x 4 4-5 % slower.
 TUNINGS = {"linear": ((8, 2), (8, 4), (16, 2), (16, 4)), "swiglu": ((4, 4), (8, 2), (8, 4))}
 TUNING = {"linear": (8, 4), "swiglu": (8, 4)}
+# The best tuning moves with memory bandwidth. On the H200 (1.4x the H100's) the sweep picked, per M tile
+# (8: M <= 8, 16: M <= 16): linear 16 x 2 at M <= 8 (1-3 % faster), SwiGLU 8 x 2 at M <= 8 (6 %) and 4 x 4
+# at M = 16 (7 %) (perf/results/bench_gemv_h200.md). Keyed on the device name; others use TUNING.
+DEVICE_TUNING = {"H200": {("linear", 8): (16, 2), ("linear", 16): (8, 4), ("swiglu", 8): (8, 2), ("swiglu", 16): (4, 4)}}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_table(device_index: int) -> Optional[dict]:
+    name = torch.cuda.get_device_name(device_index)
+    return next((table for key, table in DEVICE_TUNING.items() if key in name), None)
+
+
+def default_tuning(kind: str, m: int, device: torch.device) -> tuple[int, int]:
+    """The tuning a launch uses when none is given: the device's measured best, else TUNING."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    table = _device_table(index)
+    return table[kind, 8 if m <= 8 else 16] if table else TUNING[kind]
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -107,8 +125,9 @@ def _launch(kind: str, x, weight, out, n: int, bias=None, residual=None, block: 
                         residual.data_ptr() if residual is not None else None,
                         m, n, k, x.stride(0), weight.stride(0),
                         residual.stride(0) if residual is not None else 0, out.stride(0), block)
+    tuning = tuning or default_tuning(kind, m, x.device)
     name = kernel_name(kind, x.dtype, m, tuning)
-    warps = (tuning or TUNING[kind])[0]
+    warps = tuning[0]
     kernel(SOURCE, name, GemvParams, x.device).launch((-(-n // ROWS_PER_CTA),), (32 * warps,), params)
 
 
