@@ -230,7 +230,8 @@ def test_device_tunings_are_compiled_and_picked_by_device_name(monkeypatch):
     assert gemv.default_tuning("swiglu", 1, torch.device("cuda", 0)) == (8, 2)
     assert gemv.default_tuning("swiglu", 16, torch.device("cuda", 0)) == (4, 4)
     assert gemv.default_tuning("linear", 8, torch.device("cuda", 0)) == (16, 2)
-    gemv._device_table.cache_clear()
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
-    assert gemv.default_tuning("swiglu", 1, torch.device("cuda", 0)) == gemv.TUNING["swiglu"]
+    for other in ("NVIDIA H100 80GB HBM3", "NVIDIA GH200 480GB", "NVIDIA H200 MIG 3g.71gb"):
+        gemv._device_table.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None, name=other: name)
+        assert gemv.default_tuning("swiglu", 1, torch.device("cuda", 0)) == gemv.TUNING["swiglu"], other
     gemv._device_table.cache_clear()

@@ -299,20 +299,28 @@ def test_one_block_map_per_mask_and_none_for_decode(s, maps):
 
 # ---- decode-step glue: the StaticCache counter as kv_len, repeated aranges computed once -------------------
 
-def _traced_counter_step(advance, start=None, after=False):
+def _traced_counter_step(advance, start=None, after=False, end_kwarg=False, view_write=False, use_advance=False):
     """The graph HF's StaticCache layer gives Dynamo: pos = arange(1) + counter; counter.add_(advance);
     then attention (torch.neg stands in). Returns (pos node, attention node)."""
     g = torch.fx.Graph()
     counter = g.placeholder("cumulative_length")
     counter.meta["example_value"] = torch.tensor(0)        # what Dynamo records: a 0-d int64 counter
-    rng = g.call_function(torch.arange, (1,) if start is None else (start, start + 1))
+    alias = g.call_method("view", (counter, 1))            # a view made before pos, as the mask code does
+    if end_kwarg:
+        rng = g.call_function(torch.arange, (2,), {"end": 3})
+    else:
+        rng = g.call_function(torch.arange, (1,) if start is None else (start, start + 1))
     pos = g.call_function(operator.add, (rng, counter))
+    pos.meta["example_value"] = torch.tensor([0])
+    step = None
     if not after:
-        g.call_method("add_", (counter, advance))
+        step = g.call_method("add_", (counter, advance))
+    if view_write:
+        g.call_method("sub_", (alias, 1))                  # a second write, through the view
     attention = g.call_function(torch.neg, (pos,))
     if after:
         g.call_method("add_", (counter, advance))
-    g.output(attention)
+    g.output((attention, step) if use_advance else attention)
     return pos, attention
 
 
@@ -323,7 +331,10 @@ def test_kv_len_is_the_advanced_counter_only_when_it_provably_equals_pos_last_pl
     assert advance is not None and advance.target == "add_"
     assert _advanced_counter(*_traced_counter_step(2)) is None              # another step than arange's length
     assert _advanced_counter(*_traced_counter_step(1, start=3)) is None     # arange with a start
+    assert _advanced_counter(*_traced_counter_step(1, end_kwarg=True)) is None  # arange(2, end=3)
     assert _advanced_counter(*_traced_counter_step(1, after=True)) is None  # advanced only after attention
+    assert _advanced_counter(*_traced_counter_step(1, view_write=True)) is None  # written again through a view
+    assert _advanced_counter(*_traced_counter_step(1, use_advance=True)) is None  # add_'s result used elsewhere
 
 
 def test_hf_static_cache_decode_reads_the_advanced_counter_and_shares_one_arange():
@@ -366,10 +377,11 @@ def test_factories_with_a_writer_or_other_arguments_stay_apart():
     from fusedops.backend.patterns.factories import share_identical_factories
     g = torch.fx.Graph()
     x = g.placeholder("x")
-    a, b, c, d = (g.call_function(torch.arange, (n,)) for n in (4, 4, 5, 4))
+    a, b, c, d, e = (g.call_function(torch.arange, (n,)) for n in (4, 4, 5, 4, 4.0))
     g.call_method("mul_", (d, 2))                       # d is written in place: not a constant
     g.output((g.call_function(operator.add, (x, a)), g.call_function(operator.add, (x, b)),
-              g.call_function(operator.add, (c, 1)), g.call_function(operator.add, (x, d))))
+              g.call_function(operator.add, (c, 1)), g.call_function(operator.add, (x, d)),
+              g.call_function(operator.add, (e, 1))))   # arange(4.0) is float32, not arange(4)
     gm = torch.fx.GraphModule(torch.nn.Module(), g)
     x = torch.randn(4)
     want = gm(x)
@@ -377,4 +389,4 @@ def test_factories_with_a_writer_or_other_arguments_stay_apart():
     gm.recompile()
     for got, expected in zip(gm(x), want):
         torch.testing.assert_close(got, expected)
-    assert sum(n.target is torch.arange for n in gm.graph.nodes) == 3
+    assert sum(n.target is torch.arange for n in gm.graph.nodes) == 4

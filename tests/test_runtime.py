@@ -1,5 +1,6 @@
 """The kernel runtime: arch flags, cache keys, atomic cached builds, NVRTC fallback, CLI, launch errors."""
 import multiprocessing
+import re
 import subprocess
 import sys
 
@@ -141,12 +142,35 @@ def test_every_kernel_source_builds_for_sm90a_without_spills(name, tmp_path, mon
     assert not spills, f"{name} spills registers:\n" + "\n".join(spills)
 
 
+_MEMORY_OP = re.compile(r"^(@!?%\w+\s+)?(ld|st|atom|red|cp|multimem|sust|suld|tex|tld4)\.([\w.:]+)")
+_SAFE_SPACES = {"param", "shared", "local", "const"}
+
+
+def _may_touch_global(line: str) -> bool:
+    """A PTX memory instruction whose state space is not param/shared/local/const (generic counts: it may
+    address global memory)."""
+    m = _MEMORY_OP.match(line)
+    if not m:
+        return False
+    spaces = set(m.group(3).replace("::", ".").split("."))
+    return "global" in spaces or not (_SAFE_SPACES & spaces)
+
+
+def test_global_memory_detector_catches_every_form():
+    for line in ("ld.global.nc.v4.u32 {%r1, %r2, %r3, %r4}, [%rd1];", "st.volatile.global.u8 [%rd2], %rs1;",
+                 "ld.u32 %r1, [%rd1];", "atom.global.add.u32 %r1, [%rd1], 1;", "red.relaxed.gpu.global.add.u32 [%rd1], 1;",
+                 "cp.async.cg.shared.global [%r1], [%rd1], 16;", "@%p1 st.global.u32 [%rd1], %r1;"):
+        assert _may_touch_global(line), line
+    for line in ("ld.param.u64 %rd1, [p];", "st.shared.u32 [%r1], %r2;", "ld.local.u32 %r1, [%rd1];",
+                 "prefetch.global.L2 [%rd1];", "mov.u32 %r1, %tid.x;", "cvta.to.global.u64 %rd2, %rd1;"):
+        assert not _may_touch_global(line), line
+
+
 @pytest.mark.nvcc
 @pytest.mark.parametrize("name", sorted(n for n, s in registry.SOURCES.items() if s.pdl))
 def test_every_pdl_kernel_waits_for_its_predecessor(name):
     """A source marked pdl is launched so that it may start before the previous kernel ends: each entry
     must wait (griddepcontrol.wait) before it reads an input, and release the next kernel only after."""
-    import re
     ptx = compiler.emit_ptx(registry.SOURCES[name], "sm_90a")
     entries = re.split(r"\.entry\s+", ptx)[1:]
     assert entries, f"{name}: no kernel entries in the PTX"
@@ -155,9 +179,9 @@ def test_every_pdl_kernel_waits_for_its_predecessor(name):
         wait, release = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents")
         assert wait >= 0, f"{name}: {entry} never waits for its predecessor"
         assert release > wait, f"{name}: {entry} releases the next kernel before it waits"
-        first_load = min((i for i in (body.find("ld.global"), body.find("cp.async"), body.find("st.global"))
-                          if i >= 0), default=len(body))
-        assert wait < first_load, f"{name}: {entry} touches global memory before it waits"
+        before = [line.strip() for line in body[:wait].splitlines()]
+        touching = [line for line in before if _may_touch_global(line)]
+        assert not touching, f"{name}: {entry} touches memory before it waits: {touching[:3]}"
 
 
 def test_shared_library_sources_are_not_launched_early():

@@ -29,22 +29,12 @@ import torch
 import torch.fx
 
 from .options import BackendOptions
+from .patterns.nodes import VIEW_FUNCTIONS, VIEW_METHODS, schema_written_args, target_name
 
 # A signature whose stable inputs move this many times in a row before its graph was replayed twice
 # is thrashing (a fresh buffer each call): it runs eagerly from then on.
 MAX_THRASH = 3
 
-# Torch-IR nodes whose result may alias their first argument (views); an in-place op on such a
-# result mutates the placeholder underneath.
-VIEW_METHODS = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "select", "narrow", "expand",
-    "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "t", "T", "mT", "contiguous", "split",
-    "chunk", "unbind", "as_strided", "detach", "diagonal", "movedim", "swapaxes", "unfold", "__getitem__",
-    "data", "type_as", "to", "float", "half", "bfloat16", "view_as_real", "view_as_complex"})
-VIEW_FUNCTIONS = frozenset({
-    operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.select, torch.narrow,
-    torch.unsqueeze, torch.squeeze, torch.flatten, torch.split, torch.chunk, torch.unbind,
-    torch.as_strided, torch.detach, torch.diagonal, torch.movedim, torch.swapaxes, torch.t})
 _pools: dict[int, Any] = {}
 # The C++ pointer check Inductor's cudagraph trees use (CUDA builds only): ≈ 10x cheaper per input
 # than a Python loop over Tensor.data_ptr(), which matters with ~300 parameters per call.
@@ -73,29 +63,6 @@ def shared_pool(device_index: int):
     return _pools[device_index][0]
 
 
-def _target_name(node: torch.fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-
-
-def _schema_written_args(node: torch.fx.Node) -> list:
-    """Arguments an operator's schema marks as written (`Tensor(a!)`): custom ops such as
-    fusedops::rope_cache_write and aten in-place/out overloads."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        schemas = [getattr(target, name)._schema for name in target.overloads()]
-    elif isinstance(target, torch._ops.OpOverload):
-        schemas = [target._schema]
-    else:
-        return []
-    written = []
-    for schema in schemas:
-        for i, arg in enumerate(schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-                written += value if isinstance(value, (tuple, list)) else [value]
-    return written
-
-
 def mutated_placeholders(gm: torch.fx.GraphModule) -> set[int]:
     """Positions of the placeholders that an in-place op (x.op_(...), x[i] = v, out=, a schema's
     `Tensor(a!)` argument) may write, directly or through a chain of views."""
@@ -107,7 +74,7 @@ def mutated_placeholders(gm: torch.fx.GraphModule) -> set[int]:
             continue
         first = node.args[0]
         source = aliases.get(first, set()) if isinstance(first, torch.fx.Node) else set()
-        name = _target_name(node)
+        name = target_name(node)
         is_view = (node.op == "call_method" and name in VIEW_METHODS) or node.target in VIEW_FUNCTIONS
         if is_view and source:
             aliases[node] = source
@@ -115,7 +82,7 @@ def mutated_placeholders(gm: torch.fx.GraphModule) -> set[int]:
         if in_place:
             mutated |= source
         out = node.kwargs.get("out")
-        for t in (out if isinstance(out, (tuple, list)) else [out]) + _schema_written_args(node):
+        for t in (out if isinstance(out, (tuple, list)) else [out]) + schema_written_args(node):
             if isinstance(t, torch.fx.Node):
                 mutated |= aliases.get(t, set())
     return mutated

@@ -31,13 +31,17 @@ TUNING = {"linear": (8, 4), "swiglu": (8, 4)}
 # The best tuning moves with memory bandwidth. On the H200 (1.4x the H100's) the sweep picked, per M tile
 # (8: M <= 8, 16: M <= 16): linear 16 x 2 at M <= 8 (1-3 % faster), SwiGLU 8 x 2 at M <= 8 (6 %) and 4 x 4
 # at M = 16 (7 %) (perf/results/bench_gemv_h200.md). Keyed on the device name; others use TUNING.
-DEVICE_TUNING = {"H200": {("linear", 8): (16, 2), ("linear", 16): (8, 4), ("swiglu", 8): (8, 2), ("swiglu", 16): (4, 4)}}
+# Matched on the name's start ("NVIDIA H200", "NVIDIA H200 NVL"): a GH200 or a MIG slice has other bandwidth.
+DEVICE_TUNING = {"NVIDIA H200": {("linear", 8): (16, 2), ("linear", 16): (8, 4), ("swiglu", 8): (8, 2),
+                                 ("swiglu", 16): (4, 4)}}
 
 
 @functools.lru_cache(maxsize=None)
 def _device_table(device_index: int) -> Optional[dict]:
     name = torch.cuda.get_device_name(device_index)
-    return next((table for key, table in DEVICE_TUNING.items() if key in name), None)
+    if "MIG" in name:
+        return None
+    return next((table for key, table in DEVICE_TUNING.items() if name.startswith(key)), None)
 
 
 def default_tuning(kind: str, m: int, device: torch.device) -> tuple[int, int]:

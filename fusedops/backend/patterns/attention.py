@@ -24,7 +24,8 @@ from torch.fx import Node
 from ...ops.attention import DECODE_MAX_QUERIES, cuda_unsupported
 from .base import Context
 from .masks import bool_mask, mask_blocks
-from .nodes import arg, binary_operands, dtype, float_const, is_cast, kind, last_dim, same, shape, val
+from .nodes import (VIEW_FUNCTIONS, VIEW_METHODS, arg, binary_operands, dtype, float_const, is_cast, kind,
+                    last_dim, same, schema_written_args, shape, target_name, val)
 
 OPS = torch.ops.fusedops
 
@@ -55,29 +56,56 @@ def _cache_positions(ctx: Context) -> dict:
     return written
 
 
+_ARANGE_KWARGS = frozenset({"device", "dtype", "layout", "pin_memory", "requires_grad"})
+
+
+def _writes(node, aliases: set) -> bool:
+    """node may write one of `aliases` in place (x.op_(...), x[i] = v, out=, a schema's Tensor(a!))."""
+    name = target_name(node)
+    first = node.args[0] if node.args else None
+    if first in aliases and ((name.endswith("_") and not name.endswith("__")) or node.target is operator.setitem):
+        return True
+    out = node.kwargs.get("out")
+    written = (list(out) if isinstance(out, (tuple, list)) else [out]) + schema_written_args(node)
+    return any(isinstance(t, Node) and t in aliases for t in written)
+
+
+def _is_view_of(node, aliases: set) -> bool:
+    if not node.args or node.args[0] not in aliases:
+        return False
+    return ((node.op == "call_method" and node.target in VIEW_METHODS)
+            or (node.op == "call_function" and node.target in VIEW_FUNCTIONS))
+
+
 def _advanced_counter(pos, attention) -> Any:
     """HF's StaticCache layer: pos = arange(n) + counter, then counter.add_(n), both before attention.
     The advanced counter is then pos[-1] + 1, so attention can read it (a view) instead of a new
     pos[-1:] + 1: one small kernel a layer fewer in a decode step. The add_ node, or None when the graph
-    is not exactly that (another write to the counter before attention, another step, a start offset)."""
+    is not exactly that (another write to the counter or to a view of it before attention, another
+    step, a start offset, another device)."""
     if kind(pos) != "add" or not binary_operands(pos):
         return None
-    ranges = [a for a in pos.args if isinstance(a, Node) and a.op == "call_function"
-              and a.target is torch.arange]
-    if len(ranges) != 1 or len(ranges[0].args) != 1:  # arange(n) alone: 0 .. n-1
-        return None
+    ranges = [a for a in pos.args if isinstance(a, Node) and a.op == "call_function" and a.target is torch.arange]
+    if len(ranges) != 1 or len(ranges[0].args) != 1 or not set(ranges[0].kwargs) <= _ARANGE_KWARGS:
+        return None                                   # arange(n) alone: 0 .. n-1
     rng = ranges[0]
     counter = pos.args[1] if pos.args[0] is rng else pos.args[0]
     if (not isinstance(counter, Node) or dtype(counter) not in (torch.int32, torch.int64)
-            or shape(counter) not in ((), (1,))):
+            or shape(counter) not in ((), (1,)) or val(pos) is None or val(counter).device != val(pos).device):
         return None
     order = {n: i for i, n in enumerate(pos.graph.nodes)}
-    between = [u for u in counter.users if order[pos] < order[u] < order[attention]]
-    if len(between) != 1:
-        return None
-    advance = between[0]
-    if (advance.op != "call_method" or advance.target != "add_" or advance.kwargs
-            or advance.args[0] is not counter or len(advance.args) != 2 or not same(advance.args[1], rng.args[0])):
+    advance, aliases = None, {counter}
+    for node in pos.graph.nodes:
+        if node is attention:
+            break
+        if _is_view_of(node, aliases):
+            aliases.add(node)
+        elif order[node] > order[pos] and _writes(node, aliases):
+            if advance is not None or node.op != "call_method" or node.target != "add_" or node.kwargs \
+                    or node.args[0] is not counter or len(node.args) != 2 or not same(node.args[1], rng.args[0]):
+                return None                           # a second write, or not counter.add_(n)
+            advance = node
+    if advance is None or advance.users:
         return None
     return advance
 

@@ -19,13 +19,20 @@ _COMPARISONS = (operator.le, operator.lt, operator.ge, operator.gt, operator.eq,
 
 def _only_read(node: Node) -> bool:
     """Every user computes a new tensor from node (no in-place op, no view that could be written)."""
-    return all(kind(u) in ("add", "mul", "div", "neg") or (u.op == "call_function" and u.target in _COMPARISONS)
+    return all((kind(u) in ("add", "mul", "div", "neg") or (u.op == "call_function" and u.target in _COMPARISONS))
+               and node not in u.kwargs.values()          # torch.add(a, b, out=node) writes it
                for u in node.users)
+
+
+def _typed(value: Any) -> Any:
+    """A value with its type, so that arange(4) and arange(4.0) (int64 vs float32) stay apart."""
+    return (type(value), value)
 
 
 def _key(node: Node) -> Any:
     try:
-        key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
+        key = (node.target, tuple(_typed(a) for a in node.args),
+               tuple(sorted((k, _typed(v)) for k, v in node.kwargs.items())))
         hash(key)
     except TypeError:  # an unhashable argument (a list): leave the node alone
         return None

@@ -127,3 +127,39 @@ def last_dim(dim: Any, ndim: int) -> bool:
             return False
         dim = dim[0]
     return isinstance(dim, int) and dim in (-1, ndim - 1)
+
+
+# Torch-IR nodes whose result may alias their first argument (views); an in-place op on such a
+# result mutates the placeholder underneath.
+VIEW_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "select", "narrow", "expand",
+    "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "t", "T", "mT", "contiguous", "split",
+    "chunk", "unbind", "as_strided", "detach", "diagonal", "movedim", "swapaxes", "unfold", "__getitem__",
+    "data", "type_as", "to", "float", "half", "bfloat16", "view_as_real", "view_as_complex"})
+VIEW_FUNCTIONS = frozenset({
+    operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.select, torch.narrow,
+    torch.unsqueeze, torch.squeeze, torch.flatten, torch.split, torch.chunk, torch.unbind,
+    torch.as_strided, torch.detach, torch.diagonal, torch.movedim, torch.swapaxes, torch.t})
+
+
+def target_name(node: Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def schema_written_args(node: Node) -> list:
+    """Arguments an operator's schema marks as written (`Tensor(a!)`): custom ops such as
+    fusedops::rope_cache_write and aten in-place/out overloads."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        schemas = [getattr(target, name)._schema for name in target.overloads()]
+    elif isinstance(target, torch._ops.OpOverload):
+        schemas = [target._schema]
+    else:
+        return []
+    written = []
+    for schema in schemas:
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                written += value if isinstance(value, (tuple, list)) else [value]
+    return written
