@@ -4,9 +4,8 @@ and all hold the same values. Later copies are replaced by the first when every 
 out-of-place arithmetic op, so that no one can write to the shared tensor."""
 from __future__ import annotations
 
-from typing import Any
-
 import operator
+from typing import Any
 
 import torch
 from torch.fx import Graph, Node
