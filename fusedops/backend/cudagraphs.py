@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 from .options import BackendOptions
-from .patterns.nodes import VIEW_FUNCTIONS, VIEW_METHODS, schema_written_args, target_name
+from .patterns.nodes import is_view, written_nodes
 
 # A signature whose stable inputs move this many times in a row before its graph was replayed twice
 # is thrashing (a fresh buffer each call): it runs eagerly from then on.
@@ -74,17 +74,10 @@ def mutated_placeholders(gm: torch.fx.GraphModule) -> set[int]:
             continue
         first = node.args[0]
         source = aliases.get(first, set()) if isinstance(first, torch.fx.Node) else set()
-        name = target_name(node)
-        is_view = (node.op == "call_method" and name in VIEW_METHODS) or node.target in VIEW_FUNCTIONS
-        if is_view and source:
+        if is_view(node) and source:
             aliases[node] = source
-        in_place = (name.endswith("_") and not name.endswith("__")) or node.target is operator.setitem
-        if in_place:
-            mutated |= source
-        out = node.kwargs.get("out")
-        for t in (out if isinstance(out, (tuple, list)) else [out]) + schema_written_args(node):
-            if isinstance(t, torch.fx.Node):
-                mutated |= aliases.get(t, set())
+        for t in written_nodes(node):
+            mutated |= aliases.get(t, set())
     return mutated
 
 

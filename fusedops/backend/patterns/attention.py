@@ -24,8 +24,8 @@ from torch.fx import Node
 from ...ops.attention import DECODE_MAX_QUERIES, cuda_unsupported
 from .base import Context
 from .masks import bool_mask, mask_blocks
-from .nodes import (VIEW_FUNCTIONS, VIEW_METHODS, arg, binary_operands, dtype, float_const, is_cast, kind,
-                    last_dim, same, schema_written_args, shape, target_name, val)
+from .nodes import (arg, binary_operands, dtype, float_const, is_cast, is_view, kind, last_dim, same, shape, val,
+                    written_nodes)
 
 OPS = torch.ops.fusedops
 
@@ -59,24 +59,6 @@ def _cache_positions(ctx: Context) -> dict:
 _ARANGE_KWARGS = frozenset({"device", "dtype", "layout", "pin_memory", "requires_grad"})
 
 
-def _writes(node, aliases: set) -> bool:
-    """node may write one of `aliases` in place (x.op_(...), x[i] = v, out=, a schema's Tensor(a!))."""
-    name = target_name(node)
-    first = node.args[0] if node.args else None
-    if first in aliases and ((name.endswith("_") and not name.endswith("__")) or node.target is operator.setitem):
-        return True
-    out = node.kwargs.get("out")
-    written = (list(out) if isinstance(out, (tuple, list)) else [out]) + schema_written_args(node)
-    return any(isinstance(t, Node) and t in aliases for t in written)
-
-
-def _is_view_of(node, aliases: set) -> bool:
-    if not node.args or node.args[0] not in aliases:
-        return False
-    return ((node.op == "call_method" and node.target in VIEW_METHODS)
-            or (node.op == "call_function" and node.target in VIEW_FUNCTIONS))
-
-
 def _advanced_counter(pos, attention) -> Any:
     """HF's StaticCache layer: pos = arange(n) + counter, then counter.add_(n), both before attention.
     The advanced counter is then pos[-1] + 1, so attention can read it (a view) instead of a new
@@ -93,18 +75,18 @@ def _advanced_counter(pos, attention) -> Any:
     if (not isinstance(counter, Node) or dtype(counter) not in (torch.int32, torch.int64)
             or shape(counter) not in ((), (1,)) or val(pos) is None or val(counter).device != val(pos).device):
         return None
-    order = {n: i for i, n in enumerate(pos.graph.nodes)}
-    advance, aliases = None, {counter}
+    advance, aliases, after_pos = None, {counter}, False
     for node in pos.graph.nodes:
         if node is attention:
             break
-        if _is_view_of(node, aliases):
+        if node.args and isinstance(node.args[0], Node) and node.args[0] in aliases and is_view(node):
             aliases.add(node)
-        elif order[node] > order[pos] and _writes(node, aliases):
+        elif after_pos and aliases.intersection(written_nodes(node)):
             if advance is not None or node.op != "call_method" or node.target != "add_" or node.kwargs \
                     or node.args[0] is not counter or len(node.args) != 2 or not same(node.args[1], rng.args[0]):
                 return None                           # a second write, or not counter.add_(n)
             advance = node
+        after_pos = after_pos or node is pos
     if advance is None or advance.users:
         return None
     return advance

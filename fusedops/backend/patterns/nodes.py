@@ -163,3 +163,19 @@ def schema_written_args(node: Node) -> list:
                 value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
                 written += value if isinstance(value, (tuple, list)) else [value]
     return written
+
+
+def is_view(node: Node) -> bool:
+    """node's result may alias its first argument."""
+    return (node.op == "call_method" and node.target in VIEW_METHODS) or node.target in VIEW_FUNCTIONS
+
+
+def written_nodes(node: Node) -> list:
+    """The nodes node may write in place: its first argument for x.op_(...) and x[i] = v, out=, and the
+    arguments a schema marks `Tensor(a!)`."""
+    name = target_name(node)
+    written = [node.args[0]] if node.args and ((name.endswith("_") and not name.endswith("__"))
+                                               or node.target is operator.setitem) else []
+    out = node.kwargs.get("out")
+    written += list(out) if isinstance(out, (tuple, list)) else [out]
+    return [t for t in written + schema_written_args(node) if isinstance(t, Node)]
