@@ -135,7 +135,8 @@ __device__ __forceinline__ void gemv_cta(const GemvParams& p) {
 
     // W does not depend on the kernel before this one: start pulling this warp's first step toward L2
     // while that kernel finishes (programmatic dependent launch, common/pdl.cuh), then wait for x.
-    if (warp < p.k / Tr::kStepK) {
+    const int64_t full_steps = p.k / Tr::kStepK;
+    if (warp < full_steps) {
 #pragma unroll
         for (int u = 0; u < Tr::kUnroll; ++u)
 #pragma unroll
@@ -146,7 +147,6 @@ __device__ __forceinline__ void gemv_cta(const GemvParams& p) {
     pdl::enter();
 
     // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
-    const int64_t full_steps = p.k / Tr::kStepK;
     for (int64_t s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(s * Tr::kStepK, p.k);
     if (p.k % Tr::kStepK && full_steps % Tr::kWarps == warp) cta.template step<true>(full_steps * Tr::kStepK, p.k);
 

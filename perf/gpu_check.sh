@@ -18,8 +18,7 @@ want() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
 OUT=${OUT:-perf/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FUSEDOPS_CACHE=${FUSEDOPS_CACHE:-$PWD/.fusedops_cache} PYTHONPATH=$PWD:$PWD/perf:${PYTHONPATH:-}
 if [ "${SETUP:-1}" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 fi
 # Register the torch_dynamo_backends entry point (backend="fusedops" without importing fusedops).
 [ "${SETUP:-1}" = 1 ] && { python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \

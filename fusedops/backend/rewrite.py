@@ -6,8 +6,9 @@
     result.prepared_weights   # the weights built (stacked qkv, gate/up), each with its extra memory
 
 Everything unmatched stays as Dynamo traced it (StaticCache index_copy_ mutations included), except
-that identical torch.arange calls are computed once (patterns/factories.py). Any error inside a pattern falls back to the unmodified graph, with the reason in the
-report. See docs/backend_design.md for the choices made here.
+that identical torch.arange calls are computed once (patterns/factories.py). Any error inside a
+pattern falls back to the unmodified graph, with the reason in the report. See
+docs/backend_design.md for the choices made here.
 """
 from __future__ import annotations
 

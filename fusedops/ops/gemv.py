@@ -28,6 +28,7 @@ ROWS_PER_CTA = 16  # outputs a CTA owns (one mma row tile; SwiGLU reads 16 gate 
 # perf/notes/gemv.md): 16 warps 1-10 % slower, 8 x 2 2-7 % slower, SwiGLU 4 x 4 4-5 % slower.
 TUNINGS = {"linear": ((8, 2), (8, 4), (16, 2), (16, 4)), "swiglu": ((4, 4), (8, 2), (8, 4))}
 TUNING = {"linear": (8, 4), "swiglu": (8, 4)}
+DTYPES = (torch.bfloat16, torch.float16)
 # The best tuning moves with memory bandwidth. On the H200 (1.4x the H100's) the sweep picked, per M tile
 # (8: M <= 8, 16: M <= 16): linear 16 x 2 at M <= 8 (1-3 % faster), SwiGLU 8 x 2 at M <= 8 (6 %) and 4 x 4
 # at M = 16 (7 %) (perf/results/bench_gemv_h200.md). Keyed on the device name; others use TUNING.
@@ -49,7 +50,6 @@ def default_tuning(kind: str, m: int, device: torch.device) -> tuple[int, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     table = _device_table(index)
     return table[kind, 8 if m <= 8 else 16] if table else TUNING[kind]
-DTYPES = (torch.bfloat16, torch.float16)
 
 
 class GemvParams(ctypes.Structure):
