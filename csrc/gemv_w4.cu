@@ -107,13 +107,15 @@ __device__ __forceinline__ uint16_t load_u16(const void* ptr) {
 
 template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU, int STAGES>
 struct Traits : gemv::CtaShape<T_, TOKEN_TILES, WARPS, UNROLL, SWIGLU> {
-    static constexpr int kStages = STAGES;               // 2: a warp loads its next step before computing this one
+    static constexpr int kStages = STAGES;               // a warp's W ring: kStages - 1 steps in flight
     static constexpr int kLoadK = 32;                    // k in one 16-byte load of packed int4
     static constexpr int kStepK = 4 * kLoadK * UNROLL;   // k one warp covers per step: 4 lanes x 32 x unroll
-    static_assert(kStages == 1 || kStages == 2, "one step in registers, or this one and the next");
+    static constexpr int kSlots = 2 * (SWIGLU ? 2 : 1) * UNROLL;  // 16-byte W chunks a lane copies a step
+    static constexpr int kRingBytes = WARPS * STAGES * kSlots * 32 * 16;
+    static_assert(kStages >= 2, "the ring needs the step being computed and at least one in flight");
 };
 
-// What one step loads: W with its groups' scales and zeros, and x at the same k.
+// What one step uses: W (from the ring) with its groups' scales and zeros, and x at the same k.
 template <class Tr>
 struct WeightStage {
     uint4 w[Tr::kRowTiles][2][Tr::kUnroll];
@@ -126,8 +128,8 @@ struct XStage {
 
 // Where load u of a step starting at k0 reads. CHECK: the step may run past K (the last, partial one); K
 // is a multiple of 32, so a load is all in or all out. An out-of-range lane reads its row's first 32 k and
-// group (finite weights) and zeroes x; no load is skipped, so a step's loads issue together. Tokens past M
-// read token 0: an mma column depends only on its own token, and those columns are never stored.
+// group (finite weights) and zeroes x. Tokens past M read token 0: an mma column depends only on its own
+// token, and those columns are never stored.
 struct Chunk {
     bool in;
     int64_t at, group, x_at;  // in 16-byte W loads, groups and x elements from the lane's pointers
@@ -142,25 +144,62 @@ __device__ __forceinline__ Chunk chunk(int64_t k0, int u, const GemvW4Params& p)
             in ? ku : -Tr::kLoadK * quad};
 }
 
+__device__ __forceinline__ uint4 load_shared(uint32_t addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+    return v;
+}
+
+// W is read once: L1 bypassed, with the 256-byte L2 prefetch of the plain loads (common/stream_load.cuh).
+__device__ __forceinline__ void copy_weight(uint32_t dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+
+// Each warp streams its W through a ring of kStages steps in shared memory (cp.async): the next
+// kStages - 1 steps stay in flight while it dequantizes the current one, without holding them in registers
+// (run 4: holding one extra step in registers cost more occupancy than it bought). A lane reads back only
+// the 16-byte slots it copied itself, so its own cp.async.wait_group is all the ordering the ring needs.
 template <class Tr>
 struct Cta {
     using T = typename Tr::T;
     const uint4* w[Tr::kRowTiles][2];      // this lane's W rows (g, g + 8) of each tile, at its 32-k offset
     const T* scale[Tr::kRowTiles][2];      // the same rows' groups
-    const T* zero[Tr::kRowTiles][2];       // (symmetric: the scales again, replaced by 8 after the load)
+    int64_t zero_delta;                    // zeros - scales in elements (symmetric: 0, replaced by 8 after the load)
     const T* x[Tr::kTokenTiles];           // this lane's x token (g, g + 8) at its 32-k offset
+    uint32_t ring;                         // shared address of this lane's slot 0 of stage 0
     // Two accumulators per tile (the two k16 halves of a word): an mma waits for the one before it into the
     // same registers, and in-order issue holds the warp's next loads behind the whole chain.
     float acc[Tr::kRowTiles][2 * Tr::kTokenTiles][4];
 
-    __device__ __forceinline__ void load_weights(int u, const Chunk& c, WeightStage<Tr>& ws) const {
+    static __device__ __forceinline__ int slot(int j, int h, int u) { return (j * 2 + h) * Tr::kUnroll + u; }
+    __device__ __forceinline__ uint32_t slot_addr(int stage, int j, int h, int u) const {
+        return ring + (stage * Tr::kSlots + slot(j, h, u)) * 32 * 16;
+    }
+
+    // Copy step s's W into `stage` of the ring, then close the cp.async group (empty past the last step, so
+    // every lane counts the same groups).
+    __device__ __forceinline__ void fetch(int s, int steps, int stage, const GemvW4Params& p) const {
+        if (s < steps) {
+#pragma unroll
+            for (int u = 0; u < Tr::kUnroll; ++u) {
+                const Chunk c = chunk<Tr, true>(static_cast<int64_t>(s) * Tr::kStepK, u, p);
+#pragma unroll
+                for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) copy_weight(slot_addr(stage, j, h, u), w[j][h] + c.at);
+            }
+        }
+        attn::cp_async_commit();
+    }
+
+    __device__ __forceinline__ void load_stage(int u, const Chunk& c, int stage, WeightStage<Tr>& ws) const {
 #pragma unroll
         for (int j = 0; j < Tr::kRowTiles; ++j)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                ws.w[j][h][u] = load_weight(w[j][h] + c.at);
+                ws.w[j][h][u] = load_shared(slot_addr(stage, j, h, u));
                 ws.scale[j][h][u] = load_u16(scale[j][h] + c.group);
-                ws.zero[j][h][u] = load_u16(zero[j][h] + c.group);
+                ws.zero[j][h][u] = load_u16(scale[j][h] + zero_delta + c.group);
             }
     }
 
@@ -202,60 +241,49 @@ struct Cta {
             }
     }
 
-    // One step starting at k0: all its loads, then its mmas. __syncwarp between them: ptxas otherwise
-    // interleaves them (csrc/gemv.cu).
+    // One step starting at k0 whose W sits in `stage`: its x, scales, zeros and W, then its mmas.
+    // __syncwarp between them: ptxas otherwise interleaves them (csrc/gemv.cu).
     template <bool CHECK>
-    __device__ __forceinline__ void step(int64_t k0, const GemvW4Params& p) {
+    __device__ __forceinline__ void step(int64_t k0, int stage, const GemvW4Params& p) {
         WeightStage<Tr> ws;
         XStage<Tr> xs;
 #pragma unroll
         for (int u = 0; u < Tr::kUnroll; ++u) {
             const Chunk c = chunk<Tr, CHECK>(k0, u, p);
-            load_weights(u, c, ws);
             load_xs(u, c, xs);
+            load_stage(u, c, stage, ws);
         }
         __syncwarp();
         compute(ws, xs, p.zeros == nullptr);
     }
-
-    // Two weight stages: the warp's steps s = first, first + kWarps, ... < steps, each one's W issued
-    // before the previous step's mmas, so W stays in flight while the warp dequantizes. x (an L2 / L1 hit)
-    // is loaded with its own step. Every load checks K (the partial step can be any of them); the stages
-    // alternate without register copies.
-    __device__ __forceinline__ void run_two_stages(int64_t first, int64_t steps, const GemvW4Params& p) {
-        const bool symmetric = p.zeros == nullptr;
-        WeightStage<Tr> wa, wb;
-        XStage<Tr> xs;
-        auto load_w = [&](int64_t s, WeightStage<Tr>& ws) {
-#pragma unroll
-            for (int u = 0; u < Tr::kUnroll; ++u) load_weights(u, chunk<Tr, true>(s * Tr::kStepK, u, p), ws);
-        };
-        auto load_x_of = [&](int64_t s) {
-#pragma unroll
-            for (int u = 0; u < Tr::kUnroll; ++u) load_xs(u, chunk<Tr, true>(s * Tr::kStepK, u, p), xs);
-        };
-        int64_t s = first;
-        if (s < steps) load_w(s, wa);
-        while (s < steps) {
-            if (s + Tr::kWarps < steps) load_w(s + Tr::kWarps, wb);
-            load_x_of(s);
-            __syncwarp();
-            compute(wa, xs, symmetric);
-            s += Tr::kWarps;
-            if (s >= steps) break;
-            if (s + Tr::kWarps < steps) load_w(s + Tr::kWarps, wa);
-            load_x_of(s);
-            __syncwarp();
-            compute(wb, xs, symmetric);
-            s += Tr::kWarps;
-        }
-    }
 };
+
+// Bytes of each W row pulled toward L2 before the kernel waits for its predecessor (the first steps).
+constexpr int64_t kPrefetchRowBytes = 4096;
+
+// Before pdl::enter(): W, its scales and zeros are never written by a forward pass, so the CTA starts
+// pulling its rows toward L2 while the kernel before it (a norm, attention) still runs. One bulk prefetch
+// a row (thread r: CTA row r), one line prefetch per 128 bytes of its scales and zeros.
+template <class Tr>
+__device__ __forceinline__ void prefetch_rows(const GemvW4Params& p, int64_t col0, int64_t n_out) {
+    using T = typename Tr::T;
+    const int r = threadIdx.x;
+    if (r >= 16 * Tr::kRowTiles) return;
+    const int64_t row = min(col0 + (r & 15), n_out - 1) + (r >> 4) * n_out;
+    const int64_t row_bytes = p.k / 2, groups = p.k >> p.group_shift;
+    pdl::prefetch_l2_bulk(static_cast<const char*>(p.qweight) + row * row_bytes,
+                          static_cast<uint32_t>(min(row_bytes, kPrefetchRowBytes)));
+    for (int64_t b = 0; b < groups * 2; b += 128) {
+        pdl::prefetch_l2(reinterpret_cast<const char*>(static_cast<const T*>(p.scales) + row * groups) + b);
+        if (p.zeros) pdl::prefetch_l2(reinterpret_cast<const char*>(static_cast<const T*>(p.zeros) + row * groups) + b);
+    }
+}
 
 template <class Tr>
 __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
     using T = typename Tr::T;
     __shared__ float partial[Tr::kWarps][Tr::kFragments];
+    extern __shared__ __align__(16) uint4 ring[];  // [kWarps][kStages][kSlots][32 lanes] 16-byte slots
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, quad = lane & 3;
     const int64_t n_out = Tr::kSwiglu ? p.n / 2 : p.n;
     const int64_t col0 = static_cast<int64_t>(blockIdx.x) * 16;
@@ -270,23 +298,39 @@ __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
             const int64_t row = min(col0 + g + 8 * h, n_out - 1) + j * n_out;
             cta.w[j][h] = static_cast<const uint4*>(p.qweight) + row * loads_per_row + quad;
             cta.scale[j][h] = static_cast<const T*>(p.scales) + row * groups;
-            cta.zero[j][h] = static_cast<const T*>(p.zeros ? p.zeros : p.scales) + row * groups;
         }
 #pragma unroll
     for (int t = 0; t < Tr::kTokenTiles; ++t) {
         const int token = g + 8 * t;
         cta.x[t] = static_cast<const T*>(p.x) + (token < p.m ? token : 0) * p.x_stride + Tr::kLoadK * quad;
     }
+    cta.zero_delta = p.zeros ? static_cast<const T*>(p.zeros) - static_cast<const T*>(p.scales) : 0;
+    cta.ring = attn::smem_address(ring + (warp * Tr::kStages * Tr::kSlots) * 32 + lane);
     attn::zero_fragments(cta.acc);
 
+    prefetch_rows<Tr>(p, col0, n_out);
+    pdl::enter();
+
     // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
-    const int64_t full_steps = p.k / Tr::kStepK;
-    if constexpr (Tr::kStages == 2) {
-        cta.run_two_stages(warp, (p.k + Tr::kStepK - 1) / Tr::kStepK, p);
-    } else {
-        for (int64_t s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(s * Tr::kStepK, p);
-        if (p.k % Tr::kStepK && full_steps % Tr::kWarps == warp) cta.template step<true>(full_steps * Tr::kStepK, p);
+    // Only the last step can be partial (K % kStepK); its loads check K.
+    const int steps = static_cast<int>((p.k + Tr::kStepK - 1) / Tr::kStepK);
+    const int full_steps = static_cast<int>(p.k / Tr::kStepK);
+    int ahead = warp;
+#pragma unroll
+    for (int i = 0; i < Tr::kStages - 1; ++i, ahead += Tr::kWarps) cta.fetch(ahead, steps, i, p);
+    int stage = 0, ahead_stage = Tr::kStages - 1;
+    for (int s = warp; s < steps; s += Tr::kWarps) {
+        cta.fetch(ahead, steps, ahead_stage, p);  // into the slot the previous step freed
+        ahead += Tr::kWarps;
+        ahead_stage = ahead_stage + 1 == Tr::kStages ? 0 : ahead_stage + 1;
+        attn::cp_async_wait<Tr::kStages - 1>();   // this lane's copies of step s have landed
+        if (s < full_steps)
+            cta.template step<false>(static_cast<int64_t>(s) * Tr::kStepK, stage, p);
+        else
+            cta.template step<true>(static_cast<int64_t>(s) * Tr::kStepK, stage, p);
+        stage = stage + 1 == Tr::kStages ? 0 : stage + 1;
     }
+    attn::cp_async_wait<0>();  // no copy may outlive the CTA's shared memory
 
 #pragma unroll
     for (int j = 0; j < Tr::kRowTiles; ++j)
@@ -319,38 +363,30 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
 }  // namespace gemv_w4
 }  // namespace fusedops
 
-// Instantiations: gemv_w4_<linear|swiglu>_<dtype>_m<8|16>_w<warps>_u<loads a step>_b<min CTAs an SM>_s<stages>,
-// the table fusedops/ops/gemm_w4.py TUNINGS. The min-CTA bound sets ptxas' register cap: each entry is the
-// tightest cap (most resident warps) that spilled nothing for its (warps, loads, stages) at sm_90a; left free,
-// ptxas used 95-220 registers (one CTA an SM for 8 x 2) or spilled 8 bytes under its own choice (8 x 1, m8).
+// Instantiations: gemv_w4_<linear|swiglu>_<dtype>_m<8|16>_w<warps>_u<loads a step>_b<min CTAs an SM>_s<ring stages>,
+// the table fusedops/ops/gemm_w4.py TUNINGS. The min-CTA bound sets ptxas' register cap; with the ring
+// (warps x stages x loads a step x 512 bytes of dynamic shared memory) it must also fit the SM's 227 KB.
 #define FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U, B, S)                           \
     extern "C" __global__ void __launch_bounds__(32 * W, B)                                                   \
         gemv_w4_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U##_b##B##_s##S(const __grid_constant__ GemvW4Params p) { \
-        fusedops::pdl::enter();                                                                                   \
         fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU, S>>(p);           \
     }
 #define FUSEDOPS_GEMV_W4_DTYPE(T, SUFFIX)                                                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4, 1)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 1)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2, 1)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3, 1)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 3, 2)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 2)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 2, 4, 2)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 3, 1)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 16, 1, 1, 1)                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 4, 1)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 2, 2)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 3, 1)                                        \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 2, 2, 1)                                        \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 4, 1)                                        \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 16, 1, 1, 1)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 1, 4, 2)                                        \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 2, 2)                                        \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2, 1)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 2, 2, 1)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 16, 1, 1, 1)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 1, 3, 2)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 4)                                   \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 3)                                   \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3, 3)                                   \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4, 4)                                   \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2, 3)                                  \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 3, 4)                                  \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 4, 3)                                  \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 2, 2, 3)                                  \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 2, 3)                                    \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 3, 4)                                    \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 3, 3)                                    \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 1, 4, 4)                                    \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2, 4)                                   \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 2, 2, 3)                                   \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 1, 3, 4)                                   \
     extern "C" __global__ void __launch_bounds__(256) dequant_w4_##SUFFIX(const __grid_constant__ DequantW4Params p) { \
         fusedops::pdl::enter();                                                                                        \
         fusedops::gemv_w4::dequant_w4<T>(p);                                                                  \

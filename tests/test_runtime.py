@@ -148,21 +148,26 @@ _SAFE_SPACES = {"param", "shared", "local", "const"}
 
 def _may_touch_global(line: str) -> bool:
     """A PTX memory instruction whose state space is not param/shared/local/const (generic counts: it may
-    address global memory)."""
+    address global memory). Prefetches (prefetch.global.L2, cp.async.bulk.prefetch.L2) are not: they return
+    nothing and change no memory."""
     m = _MEMORY_OP.match(line)
     if not m:
         return False
     spaces = set(m.group(3).replace("::", ".").split("."))
+    if "prefetch" in spaces:
+        return False
     return "global" in spaces or not (_SAFE_SPACES & spaces)
 
 
 def test_global_memory_detector_catches_every_form():
     for line in ("ld.global.nc.v4.u32 {%r1, %r2, %r3, %r4}, [%rd1];", "st.volatile.global.u8 [%rd2], %rs1;",
                  "ld.u32 %r1, [%rd1];", "atom.global.add.u32 %r1, [%rd1], 1;", "red.relaxed.gpu.global.add.u32 [%rd1], 1;",
-                 "cp.async.cg.shared.global [%r1], [%rd1], 16;", "@%p1 st.global.u32 [%rd1], %r1;"):
+                 "cp.async.cg.shared.global [%r1], [%rd1], 16;", "@%p1 st.global.u32 [%rd1], %r1;",
+                 "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1], %r2, [%r3];"):
         assert _may_touch_global(line), line
     for line in ("ld.param.u64 %rd1, [p];", "st.shared.u32 [%r1], %r2;", "ld.local.u32 %r1, [%rd1];",
-                 "prefetch.global.L2 [%rd1];", "mov.u32 %r1, %tid.x;", "cvta.to.global.u64 %rd2, %rd1;"):
+                 "prefetch.global.L2 [%rd1];", "cp.async.bulk.prefetch.L2.global [%rd3], %r5;",
+                 "mov.u32 %r1, %tid.x;", "cvta.to.global.u64 %rd2, %rd1;"):
         assert not _may_touch_global(line), line
 
 

@@ -30,23 +30,20 @@ from .gemm import gate_up_silu_reference, gate_up_silu_torch, linear_residual_re
 SOURCE = register_source("gemv_w4", "gemv_w4.cu")
 MAX_GEMV_TOKENS = 16                # two 8-token mma tiles (the gemv_w4_*_m16 kernels)
 ROWS_PER_CTA = 16                   # outputs a CTA owns (SwiGLU: their 16 gate + 16 up rows)
-# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap, weight stages: 2
-# issues a warp's next W before its current mmas) compiled per (kind, token tile) in csrc/gemv_w4.cu;
-# default_tuning picks one.
+# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap, ring stages: each
+# warp keeps its next stages - 1 steps of W in flight through shared memory) compiled per (kind, token tile)
+# in csrc/gemv_w4.cu; default_tuning picks one.
 TUNINGS = {
-    ("linear", 8): ((8, 1, 4, 1), (8, 2, 2, 1), (16, 1, 2, 1), (4, 4, 3, 1), (8, 1, 3, 2), (8, 2, 2, 2), (4, 2, 4, 2)),
-    ("linear", 16): ((8, 1, 3, 1), (16, 1, 1, 1), (4, 2, 4, 1), (8, 1, 2, 2)),
-    ("swiglu", 8): ((8, 1, 3, 1), (8, 2, 2, 1), (4, 2, 4, 1), (16, 1, 1, 1), (4, 1, 4, 2), (8, 1, 2, 2)),
-    ("swiglu", 16): ((8, 1, 2, 1), (4, 2, 2, 1), (16, 1, 1, 1), (4, 1, 3, 2)),
+    ("linear", 8): ((8, 2, 2, 4), (8, 2, 2, 3), (4, 4, 3, 3), (8, 1, 4, 4), (16, 1, 2, 3)),
+    ("linear", 16): ((8, 1, 3, 4), (4, 2, 4, 3), (8, 2, 2, 3)),
+    ("swiglu", 8): ((4, 2, 3, 3), (8, 1, 3, 4), (8, 1, 2, 3), (4, 1, 4, 4)),
+    ("swiglu", 16): ((8, 1, 2, 4), (4, 2, 2, 3), (4, 1, 3, 4)),
 }
-# H100 graph replay, 2026-11-25, every single-stage tuning on the Llama-3-8B shapes (perf/notes/int4.md,
-# run 3), M = 1: a linear whose grid fits 2 CTAs an SM streams fastest at 8 warps x 2 loads (o_proj 6.0 us
-# vs 6.8 for 8 x 1, down 14.9 vs 17.9); a larger grid (q/k/v, 384 CTAs) at 4 x 4, whose 3 CTAs an SM hold it
-# in one wave (7.6 vs 9.2 us for 8 x 2). SwiGLU 4 x 2 (8 loads in flight a lane) won at M 1-8 (26.3 vs 29.8
-# us for 8 x 2); at M = 16 the 8 x 1 variants won on all four shapes. The two-stage variants are not measured.
-TUNING = {("linear", 8): (8, 2, 2, 1), ("linear", 16): (8, 1, 3, 1), ("swiglu", 8): (4, 2, 4, 1),
-          ("swiglu", 16): (8, 1, 2, 1)}
-WIDE_LINEAR_TUNING = (4, 4, 3, 1)   # linear, M <= 8, more than 2 CTAs an SM
+# Not yet measured on a GPU: the ring's analogues of the register-staged kernel's best tunings (run 3, H100:
+# 8 x 2 for a linear whose grid fits 2 CTAs an SM, 4 x 4 for the wider q/k/v, 4 x 2 for SwiGLU).
+TUNING = {("linear", 8): (8, 2, 2, 4), ("linear", 16): (8, 1, 3, 4), ("swiglu", 8): (4, 2, 3, 3),
+          ("swiglu", 16): (8, 1, 2, 4)}
+WIDE_LINEAR_TUNING = (4, 4, 3, 3)   # linear, M <= 8, more than 2 CTAs an SM
 DEQUANT_THREADS = 256
 DTYPES = (torch.bfloat16, torch.float16)
 KINDS = {"linear": "linear", "linear_residual": "linear", "gate_up_silu": "swiglu"}
@@ -186,7 +183,14 @@ def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     tuning = tuning or default_tuning(kind, token_tile(m), ctas, _sm_count(device))
     kernel(SOURCE, kernel_name(kind, x2.dtype, m, tuning), GemvW4Params, x2.device).launch(
-        (ctas,), (32 * tuning[0],), params)
+        (ctas,), (32 * tuning[0],), params, smem=ring_bytes(kind, tuning))
+
+
+def ring_bytes(kind: str, tuning: tuple[int, int, int, int]) -> int:
+    """Dynamic shared memory of a tuning: warps x stages x (W rows a lane loads: 2 a row tile) x loads a
+    step x 32 lanes x 16 bytes."""
+    warps, unroll, _, stages = tuning
+    return warps * stages * 2 * (2 if kind == "swiglu" else 1) * unroll * 32 * 16
 
 
 def dequantize_cuda(qweight, scales, zeros, group, dtype) -> torch.Tensor:
