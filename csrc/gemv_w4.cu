@@ -32,6 +32,7 @@ struct GemvW4Params {
     int64_t m, n, k;          // n: weight rows (SwiGLU: 2 * n_out, [Wg; Wu])
     int64_t x_stride, out_stride, res_stride;
     int64_t group_shift;      // log2(group); group is a power of two >= 32
+    int64_t prefetch_bytes;   // of each W row pulled toward L2 before the wait (multiple of 16; 0: none)
 };
 
 struct DequantW4Params {
@@ -107,12 +108,11 @@ __device__ __forceinline__ uint16_t load_u16(const void* ptr) {
 
 template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU, int STAGES>
 struct Traits : gemv::CtaShape<T_, TOKEN_TILES, WARPS, UNROLL, SWIGLU> {
-    static constexpr int kStages = STAGES;               // a warp's W ring: kStages - 1 steps in flight
+    static constexpr int kStages = STAGES;               // 1: W loaded into registers; >= 2: a shared ring
     static constexpr int kLoadK = 32;                    // k in one 16-byte load of packed int4
     static constexpr int kStepK = 4 * kLoadK * UNROLL;   // k one warp covers per step: 4 lanes x 32 x unroll
     static constexpr int kSlots = 2 * (SWIGLU ? 2 : 1) * UNROLL;  // 16-byte W chunks a lane copies a step
-    static constexpr int kRingBytes = WARPS * STAGES * kSlots * 32 * 16;
-    static_assert(kStages >= 2, "the ring needs the step being computed and at least one in flight");
+    static constexpr bool kRing = STAGES >= 2;           // kStages - 1 steps in flight while one is computed
 };
 
 // What one step uses: W (from the ring) with its groups' scales and zeros, and x at the same k.
@@ -155,10 +155,12 @@ __device__ __forceinline__ void copy_weight(uint32_t dst, const void* src) {
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src));
 }
 
-// Each warp streams its W through a ring of kStages steps in shared memory (cp.async): the next
-// kStages - 1 steps stay in flight while it dequantizes the current one, without holding them in registers
-// (run 4: holding one extra step in registers cost more occupancy than it bought). A lane reads back only
-// the 16-byte slots it copied itself, so its own cp.async.wait_group is all the ordering the ring needs.
+// Two ways to stream W. kStages = 1: a step's W loads go straight to registers with its x, all issued before
+// its first mma (the warps of an SM overlap each other's loads and dequantization). kStages >= 2: each
+// warp streams W through a ring of kStages steps in shared memory (cp.async), so the next kStages - 1 steps
+// stay in flight while it dequantizes the current one without holding them in registers (run 4: holding
+// one extra step in registers cost more occupancy than it bought). A lane reads back only the 16-byte slots
+// it copied itself, so its own cp.async.wait_group is all the ordering the ring needs.
 template <class Tr>
 struct Cta {
     using T = typename Tr::T;
@@ -192,12 +194,34 @@ struct Cta {
         attn::cp_async_commit();
     }
 
+    // Before pdl::enter(): W, its scales and zeros are never written by a forward pass, so the CTA starts
+    // pulling its rows toward L2 while the kernel before it (a norm, attention) still runs. Lane quad 0 of
+    // each row pair: one bulk prefetch of the row's first prefetch_bytes, one line prefetch of its scales
+    // and zeros per 128 bytes.
+    __device__ __forceinline__ void prefetch_rows(const GemvW4Params& p) const {
+        if ((threadIdx.x & 3) || p.prefetch_bytes == 0) return;
+        const int64_t row_bytes = p.k / 2, group_bytes = 2 * (p.k >> p.group_shift);
+#pragma unroll
+        for (int j = 0; j < Tr::kRowTiles; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                pdl::prefetch_l2_bulk(w[j][h], static_cast<uint32_t>(min(row_bytes, p.prefetch_bytes)));
+                for (int64_t b = 0; b < group_bytes; b += 128) {
+                    pdl::prefetch_l2(reinterpret_cast<const char*>(scale[j][h]) + b);
+                    if (zero_delta) pdl::prefetch_l2(reinterpret_cast<const char*>(scale[j][h] + zero_delta) + b);
+                }
+            }
+    }
+
     __device__ __forceinline__ void load_stage(int u, const Chunk& c, int stage, WeightStage<Tr>& ws) const {
 #pragma unroll
         for (int j = 0; j < Tr::kRowTiles; ++j)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                ws.w[j][h][u] = load_shared(slot_addr(stage, j, h, u));
+                if constexpr (Tr::kRing)
+                    ws.w[j][h][u] = load_shared(slot_addr(stage, j, h, u));
+                else
+                    ws.w[j][h][u] = load_weight(w[j][h] + c.at);
                 ws.scale[j][h][u] = load_u16(scale[j][h] + c.group);
                 ws.zero[j][h][u] = load_u16(scale[j][h] + zero_delta + c.group);
             }
@@ -250,34 +274,13 @@ struct Cta {
 #pragma unroll
         for (int u = 0; u < Tr::kUnroll; ++u) {
             const Chunk c = chunk<Tr, CHECK>(k0, u, p);
-            load_xs(u, c, xs);
             load_stage(u, c, stage, ws);
+            load_xs(u, c, xs);
         }
         __syncwarp();
         compute(ws, xs, p.zeros == nullptr);
     }
 };
-
-// Bytes of each W row pulled toward L2 before the kernel waits for its predecessor (the first steps).
-constexpr int64_t kPrefetchRowBytes = 4096;
-
-// Before pdl::enter(): W, its scales and zeros are never written by a forward pass, so the CTA starts
-// pulling its rows toward L2 while the kernel before it (a norm, attention) still runs. One bulk prefetch
-// a row (thread r: CTA row r), one line prefetch per 128 bytes of its scales and zeros.
-template <class Tr>
-__device__ __forceinline__ void prefetch_rows(const GemvW4Params& p, int64_t col0, int64_t n_out) {
-    using T = typename Tr::T;
-    const int r = threadIdx.x;
-    if (r >= 16 * Tr::kRowTiles) return;
-    const int64_t row = min(col0 + (r & 15), n_out - 1) + (r >> 4) * n_out;
-    const int64_t row_bytes = p.k / 2, groups = p.k >> p.group_shift;
-    pdl::prefetch_l2_bulk(static_cast<const char*>(p.qweight) + row * row_bytes,
-                          static_cast<uint32_t>(min(row_bytes, kPrefetchRowBytes)));
-    for (int64_t b = 0; b < groups * 2; b += 128) {
-        pdl::prefetch_l2(reinterpret_cast<const char*>(static_cast<const T*>(p.scales) + row * groups) + b);
-        if (p.zeros) pdl::prefetch_l2(reinterpret_cast<const char*>(static_cast<const T*>(p.zeros) + row * groups) + b);
-    }
-}
 
 template <class Tr>
 __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
@@ -308,29 +311,35 @@ __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
     cta.ring = attn::smem_address(ring + (warp * Tr::kStages * Tr::kSlots) * 32 + lane);
     attn::zero_fragments(cta.acc);
 
-    prefetch_rows<Tr>(p, col0, n_out);
+    cta.prefetch_rows(p);
     pdl::enter();
 
     // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
     // Only the last step can be partial (K % kStepK); its loads check K.
     const int steps = static_cast<int>((p.k + Tr::kStepK - 1) / Tr::kStepK);
     const int full_steps = static_cast<int>(p.k / Tr::kStepK);
-    int ahead = warp;
+    if constexpr (!Tr::kRing) {
+        for (int s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(static_cast<int64_t>(s) * Tr::kStepK, 0, p);
+        if (steps > full_steps && full_steps % Tr::kWarps == warp)
+            cta.template step<true>(static_cast<int64_t>(full_steps) * Tr::kStepK, 0, p);
+    } else {
+        int ahead = warp;
 #pragma unroll
-    for (int i = 0; i < Tr::kStages - 1; ++i, ahead += Tr::kWarps) cta.fetch(ahead, steps, i, p);
-    int stage = 0, ahead_stage = Tr::kStages - 1;
-    for (int s = warp; s < steps; s += Tr::kWarps) {
-        cta.fetch(ahead, steps, ahead_stage, p);  // into the slot the previous step freed
-        ahead += Tr::kWarps;
-        ahead_stage = ahead_stage + 1 == Tr::kStages ? 0 : ahead_stage + 1;
-        attn::cp_async_wait<Tr::kStages - 1>();   // this lane's copies of step s have landed
-        if (s < full_steps)
-            cta.template step<false>(static_cast<int64_t>(s) * Tr::kStepK, stage, p);
-        else
-            cta.template step<true>(static_cast<int64_t>(s) * Tr::kStepK, stage, p);
-        stage = stage + 1 == Tr::kStages ? 0 : stage + 1;
+        for (int i = 0; i < Tr::kStages - 1; ++i, ahead += Tr::kWarps) cta.fetch(ahead, steps, i, p);
+        int stage = 0, ahead_stage = Tr::kStages - 1;
+        for (int s = warp; s < steps; s += Tr::kWarps) {
+            cta.fetch(ahead, steps, ahead_stage, p);  // into the slot the previous step freed
+            ahead += Tr::kWarps;
+            ahead_stage = ahead_stage + 1 == Tr::kStages ? 0 : ahead_stage + 1;
+            attn::cp_async_wait<Tr::kStages - 1>();   // this lane's copies of step s have landed
+            if (s < full_steps)
+                cta.template step<false>(static_cast<int64_t>(s) * Tr::kStepK, stage, p);
+            else
+                cta.template step<true>(static_cast<int64_t>(s) * Tr::kStepK, stage, p);
+            stage = stage + 1 == Tr::kStages ? 0 : stage + 1;
+        }
+        attn::cp_async_wait<0>();  // no copy may outlive the CTA's shared memory
     }
-    attn::cp_async_wait<0>();  // no copy may outlive the CTA's shared memory
 
 #pragma unroll
     for (int j = 0; j < Tr::kRowTiles; ++j)
@@ -372,18 +381,23 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
         fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU, S>>(p);           \
     }
 #define FUSEDOPS_GEMV_W4_DTYPE(T, SUFFIX)                                                                     \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 1)                                   \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3, 1)                                   \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 4)                                   \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 3)                                   \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3, 3)                                   \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4, 4)                                   \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2, 3)                                  \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 2, 1)                                  \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 3, 4)                                  \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 4, 3)                                  \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 2, 2, 3)                                  \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 3, 3)                                  \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 2, 4)                                  \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 2, 3)                                    \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 3, 4)                                    \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 4, 1)                                    \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 3, 3)                                    \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 1, 4, 4)                                    \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2, 1)                                   \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2, 4)                                   \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 2, 2, 3)                                   \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 1, 3, 4)                                   \

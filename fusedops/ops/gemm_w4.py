@@ -30,20 +30,25 @@ from .gemm import gate_up_silu_reference, gate_up_silu_torch, linear_residual_re
 SOURCE = register_source("gemv_w4", "gemv_w4.cu")
 MAX_GEMV_TOKENS = 16                # two 8-token mma tiles (the gemv_w4_*_m16 kernels)
 ROWS_PER_CTA = 16                   # outputs a CTA owns (SwiGLU: their 16 gate + 16 up rows)
-# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap, ring stages: each
-# warp keeps its next stages - 1 steps of W in flight through shared memory) compiled per (kind, token tile)
-# in csrc/gemv_w4.cu; default_tuning picks one.
+# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap, stages: 1 loads a
+# step's W into registers, s >= 2 streams it through a per-warp shared-memory ring with s - 1 steps in
+# flight) compiled per (kind, token tile) in csrc/gemv_w4.cu; default_tuning picks one.
 TUNINGS = {
-    ("linear", 8): ((8, 2, 2, 4), (8, 2, 2, 3), (4, 4, 3, 3), (8, 1, 4, 4), (16, 1, 2, 3)),
-    ("linear", 16): ((8, 1, 3, 4), (4, 2, 4, 3), (8, 2, 2, 3)),
-    ("swiglu", 8): ((4, 2, 3, 3), (8, 1, 3, 4), (8, 1, 2, 3), (4, 1, 4, 4)),
-    ("swiglu", 16): ((8, 1, 2, 4), (4, 2, 2, 3), (4, 1, 3, 4)),
+    ("linear", 8): ((8, 2, 2, 1), (4, 4, 3, 1), (8, 2, 2, 4), (8, 2, 2, 3), (4, 4, 3, 3), (8, 1, 4, 4), (16, 1, 2, 3)),
+    ("linear", 16): ((8, 1, 2, 1), (8, 1, 3, 4), (4, 2, 3, 3), (8, 1, 2, 4)),
+    ("swiglu", 8): ((4, 2, 4, 1), (4, 2, 3, 3), (8, 1, 3, 4), (8, 1, 2, 3), (4, 1, 4, 4)),
+    ("swiglu", 16): ((8, 1, 2, 1), (8, 1, 2, 4), (4, 2, 2, 3), (4, 1, 3, 4)),
 }
-# Not yet measured on a GPU: the ring's analogues of the register-staged kernel's best tunings (run 3, H100:
-# 8 x 2 for a linear whose grid fits 2 CTAs an SM, 4 x 4 for the wider q/k/v, 4 x 2 for SwiGLU).
-TUNING = {("linear", 8): (8, 2, 2, 4), ("linear", 16): (8, 1, 3, 4), ("swiglu", 8): (4, 2, 3, 3),
-          ("swiglu", 16): (8, 1, 2, 4)}
-WIDE_LINEAR_TUNING = (4, 4, 3, 3)   # linear, M <= 8, more than 2 CTAs an SM
+# H100 graph replay, 2026-11-25, the register kernel's tunings on the Llama-3-8B shapes (perf/notes/int4.md,
+# run 3), M = 1: a linear whose grid fits 2 CTAs an SM streams fastest at 8 warps x 2 loads (o_proj 6.0 us
+# vs 6.8 for 8 x 1, down 14.9 vs 17.9); a larger grid (q/k/v, 384 CTAs) at 4 x 4, whose 3 CTAs an SM hold it
+# in one wave (7.6 vs 9.2 us for 8 x 2). SwiGLU 4 x 2 (8 loads in flight a lane) won at M 1-8 (26.3 vs 29.8
+# us for 8 x 2). H200, run 5 (2026-12-03): the first ring tunings were 15-40 % slower than these.
+TUNING = {("linear", 8): (8, 2, 2, 1), ("linear", 16): (8, 1, 2, 1), ("swiglu", 8): (4, 2, 4, 1),
+          ("swiglu", 16): (8, 1, 2, 1)}
+WIDE_LINEAR_TUNING = (4, 4, 3, 1)   # linear, M <= 8, more than 2 CTAs an SM
+# Bytes of each W row a GEMV CTA pulls toward L2 before it waits for the kernel ahead of it (0: none).
+PREFETCH_ROW_BYTES = 4096
 DEQUANT_THREADS = 256
 DTYPES = (torch.bfloat16, torch.float16)
 KINDS = {"linear": "linear", "linear_residual": "linear", "gate_up_silu": "swiglu"}
@@ -54,7 +59,7 @@ class GemvW4Params(ctypes.Structure):
                 ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p), ("residual", ctypes.c_void_p),
                 ("m", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("x_stride", ctypes.c_int64), ("out_stride", ctypes.c_int64), ("res_stride", ctypes.c_int64),
-                ("group_shift", ctypes.c_int64)]
+                ("group_shift", ctypes.c_int64), ("prefetch_bytes", ctypes.c_int64)]
 
 
 class DequantW4Params(ctypes.Structure):
@@ -178,7 +183,8 @@ def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual
                           zeros.data_ptr() if zeros is not None else None,
                           residual2.data_ptr() if residual2 is not None else None,
                           m, n, k, x2.stride(0), out2.stride(0),
-                          residual2.stride(0) if residual2 is not None else 0, group.bit_length() - 1)
+                          residual2.stride(0) if residual2 is not None else 0, group.bit_length() - 1,
+                          PREFETCH_ROW_BYTES)
     ctas = -(-(n // 2 if kind == "swiglu" else n) // ROWS_PER_CTA)
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     tuning = tuning or default_tuning(kind, token_tile(m), ctas, _sm_count(device))
@@ -187,9 +193,11 @@ def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual
 
 
 def ring_bytes(kind: str, tuning: tuple[int, int, int, int]) -> int:
-    """Dynamic shared memory of a tuning: warps x stages x (W rows a lane loads: 2 a row tile) x loads a
+    """Dynamic shared memory of a tuning: none for the register kernel (1 stage), else warps x stages x (W rows a lane loads: 2 a row tile) x loads a
     step x 32 lanes x 16 bytes."""
     warps, unroll, _, stages = tuning
+    if stages == 1:
+        return 0
     return warps * stages * 2 * (2 if kind == "swiglu" else 1) * unroll * 32 * 16
 
 

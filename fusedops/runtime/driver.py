@@ -136,7 +136,10 @@ class Kernel:
                 f"kernel {name}: params struct is {size} bytes in the cubin but "
                 f"{ctypes.sizeof(params_type)} bytes in {params_type.__name__}"
             )
-        return cls(name, fn, params_type, pdl=pdl)
+        kernel = cls(name, fn, params_type, pdl=pdl)
+        # Without the opt-in attribute a launch may use 48 KB in all, static shared memory included.
+        kernel.max_dynamic_smem = 48 * 1024 - kernel.attribute("SHARED_SIZE_BYTES")
+        return kernel
 
     def set_max_dynamic_smem(self, nbytes: int) -> None:
         if nbytes > self.max_dynamic_smem:
