@@ -10,8 +10,11 @@
 //
 // Dequantization (layout in fusedops/quant.py): element j of a word sits in nibble (j % 2) * 4 + j / 2, so
 // lop3((word >> 4i) & 0x000F000F | magic) is the pair (k 2i, 2i + 1) as bf16x2 (128 + q) or fp16x2
-// (1024 + q); sub.bf16x2 by (magic + z) gives the exact integer q - z and mul.bf16x2 by s rounds once.
-// 15 ALU instructions per 8 weights; the tensor cores do every multiply-add, so M = 16 costs about M = 1.
+// (1024 + q); sub.bf16x2 by (magic + z) gives the exact integer q - z, which the mma multiplies by x. The
+// scale is applied after the mma, in fp32: the 32 k of a lane's load, and so the 128 k a quad feeds one mma,
+// share one group (group >= 128), so each 16-row x 8-token product of a load is scaled by its rows' s once.
+// 11 ALU instructions per 8 weights (the scale multiply was 4 more: the kernel is bound by instruction
+// issue at H200 bandwidth); the tensor cores do every multiply-add, so M = 16 costs about M = 1.
 //
 // A CTA owns 16 outputs (SwiGLU: their 16 gate and 16 up rows); its warps split K round-robin in steps of
 // kStepK and add their fragments through shared memory once, where the epilogue runs in fp32 and rounds
@@ -32,7 +35,6 @@ struct GemvW4Params {
     int64_t m, n, k;          // n: weight rows (SwiGLU: 2 * n_out, [Wg; Wu])
     int64_t x_stride, out_stride, res_stride;
     int64_t group_shift;      // log2(group); group is a power of two >= 32
-    int64_t prefetch_bytes;   // of each W row pulled toward L2 before the wait (multiple of 16; 0: none)
 };
 
 struct DequantW4Params {
@@ -71,6 +73,13 @@ __device__ __forceinline__ uint32_t sub_mul(uint32_t a, uint32_t b, uint32_t c) 
 }
 
 template <typename T>
+__device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+    using P = typename Pair<T>::type;
+    const P r = __hsub2(*reinterpret_cast<const P*>(&a), *reinterpret_cast<const P*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+template <typename T>
 __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
     using P = typename Pair<T>::type;
     const P r = __hadd2(*reinterpret_cast<const P*>(&a), *reinterpret_cast<const P*>(&b));
@@ -87,7 +96,8 @@ __device__ __forceinline__ GroupPair group_pair(uint16_t scale, uint16_t zero) {
     return {splat(scale), add2<T>(splat(zero), Int4Magic<T>::kPair)};  // exact: magic + an integer <= 15
 }
 
-// The 4 pairs (k 0-1, 2-3, 4-5, 6-7) of one word as T pairs ((q - z) * s, rounded once).
+// The 4 pairs (k 0-1, 2-3, 4-5, 6-7) of one word as T pairs ((q - z) * s, rounded once): the dequantize
+// kernel's values (quant.dequantize's).
 template <typename T>
 __device__ __forceinline__ void dequant_word(uint32_t word, const GroupPair& gp, uint32_t (&pairs)[4]) {
 #pragma unroll
@@ -99,6 +109,18 @@ __device__ __forceinline__ void dequant_word(uint32_t word, const GroupPair& gp,
     }
 }
 
+// The 4 pairs of one word as exact T pairs q - z (bias = magic + z): the GEMV's A fragments.
+template <typename T>
+__device__ __forceinline__ void unpack_word(uint32_t word, uint32_t bias, uint32_t (&pairs)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        uint32_t biased;
+        asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(biased) : "r"(word >> (4 * i)), "r"(0x000f000fu),
+            "r"(Int4Magic<T>::kPair));
+        pairs[i] = sub2<T>(biased, bias);
+    }
+}
+
 // Scales and zeros are read once per 32 k per row: tiny and shared by the quad, cached.
 __device__ __forceinline__ uint16_t load_u16(const void* ptr) {
     uint16_t v;
@@ -106,30 +128,24 @@ __device__ __forceinline__ uint16_t load_u16(const void* ptr) {
     return v;
 }
 
-template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU, int STAGES>
+template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU>
 struct Traits : gemv::CtaShape<T_, TOKEN_TILES, WARPS, UNROLL, SWIGLU> {
-    static constexpr int kStages = STAGES;               // 1: W loaded into registers; >= 2: a shared ring
     static constexpr int kLoadK = 32;                    // k in one 16-byte load of packed int4
     static constexpr int kStepK = 4 * kLoadK * UNROLL;   // k one warp covers per step: 4 lanes x 32 x unroll
-    static constexpr int kSlots = 2 * (SWIGLU ? 2 : 1) * UNROLL;  // 16-byte W chunks a lane copies a step
-    static constexpr bool kRing = STAGES >= 2;           // kStages - 1 steps in flight while one is computed
 };
 
-// What one step uses: W (from the ring) with its groups' scales and zeros, and x at the same k.
+// What one step loads: W with its groups' scales and zeros, and x at the same k.
 template <class Tr>
-struct WeightStage {
+struct Stage {
     uint4 w[Tr::kRowTiles][2][Tr::kUnroll];
     uint16_t scale[Tr::kRowTiles][2][Tr::kUnroll], zero[Tr::kRowTiles][2][Tr::kUnroll];
-};
-template <class Tr>
-struct XStage {
     uint4 x[Tr::kTokenTiles][Tr::kUnroll][4];
 };
 
 // Where load u of a step starting at k0 reads. CHECK: the step may run past K (the last, partial one); K
-// is a multiple of 32, so a load is all in or all out. An out-of-range lane reads its row's first 32 k and
-// group (finite weights) and zeroes x. Tokens past M read token 0: an mma column depends only on its own
-// token, and those columns are never stored.
+// is a multiple of 128, so a load is all in or all out. An out-of-range lane reads its row's first 32 k and
+// group (finite weights) and zeroes x; no load is skipped, so a step's loads issue together. Tokens past M
+// read token 0: an mma column depends only on its own token, and those columns are never stored.
 struct Chunk {
     bool in;
     int64_t at, group, x_at;  // in 16-byte W loads, groups and x elements from the lane's pointers
@@ -144,23 +160,14 @@ __device__ __forceinline__ Chunk chunk(int64_t k0, int u, const GemvW4Params& p)
             in ? ku : -Tr::kLoadK * quad};
 }
 
-__device__ __forceinline__ uint4 load_shared(uint32_t addr) {
-    uint4 v;
-    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-    return v;
+template <typename T> __device__ __forceinline__ float half_to_float(uint16_t bits);
+template <> __device__ __forceinline__ float half_to_float<__nv_bfloat16>(uint16_t bits) {
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+}
+template <> __device__ __forceinline__ float half_to_float<__half>(uint16_t bits) {
+    return __half2float(__ushort_as_half(bits));
 }
 
-// W is read once: L1 bypassed, with the 256-byte L2 prefetch of the plain loads (common/stream_load.cuh).
-__device__ __forceinline__ void copy_weight(uint32_t dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src));
-}
-
-// Two ways to stream W. kStages = 1: a step's W loads go straight to registers with its x, all issued before
-// its first mma (the warps of an SM overlap each other's loads and dequantization). kStages >= 2: each
-// warp streams W through a ring of kStages steps in shared memory (cp.async), so the next kStages - 1 steps
-// stay in flight while it dequantizes the current one without holding them in registers (run 4: holding
-// one extra step in registers cost more occupancy than it bought). A lane reads back only the 16-byte slots
-// it copied itself, so its own cp.async.wait_group is all the ordering the ring needs.
 template <class Tr>
 struct Cta {
     using T = typename Tr::T;
@@ -168,117 +175,74 @@ struct Cta {
     const T* scale[Tr::kRowTiles][2];      // the same rows' groups
     int64_t zero_delta;                    // zeros - scales in elements (symmetric: 0, replaced by 8 after the load)
     const T* x[Tr::kTokenTiles];           // this lane's x token (g, g + 8) at its 32-k offset
-    uint32_t ring;                         // shared address of this lane's slot 0 of stage 0
-    // Two accumulators per tile (the two k16 halves of a word): an mma waits for the one before it into the
-    // same registers, and in-order issue holds the warp's next loads behind the whole chain.
-    float acc[Tr::kRowTiles][2 * Tr::kTokenTiles][4];
+    float acc[Tr::kRowTiles][Tr::kTokenTiles][4];
 
-    static __device__ __forceinline__ int slot(int j, int h, int u) { return (j * 2 + h) * Tr::kUnroll + u; }
-    __device__ __forceinline__ uint32_t slot_addr(int stage, int j, int h, int u) const {
-        return ring + (stage * Tr::kSlots + slot(j, h, u)) * 32 * 16;
-    }
-
-    // Copy step s's W into `stage` of the ring, then close the cp.async group (empty past the last step, so
-    // every lane counts the same groups).
-    __device__ __forceinline__ void fetch(int s, int steps, int stage, const GemvW4Params& p) const {
-        if (s < steps) {
-#pragma unroll
-            for (int u = 0; u < Tr::kUnroll; ++u) {
-                const Chunk c = chunk<Tr, true>(static_cast<int64_t>(s) * Tr::kStepK, u, p);
-#pragma unroll
-                for (int j = 0; j < Tr::kRowTiles; ++j)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) copy_weight(slot_addr(stage, j, h, u), w[j][h] + c.at);
-            }
-        }
-        attn::cp_async_commit();
-    }
-
-    // Before pdl::enter(): W, its scales and zeros are never written by a forward pass, so the CTA starts
-    // pulling its rows toward L2 while the kernel before it (a norm, attention) still runs. Lane quad 0 of
-    // each row pair: one bulk prefetch of the row's first prefetch_bytes, one line prefetch of its scales
-    // and zeros per 128 bytes.
-    __device__ __forceinline__ void prefetch_rows(const GemvW4Params& p) const {
-        if ((threadIdx.x & 3) || p.prefetch_bytes == 0) return;
-        const int64_t row_bytes = p.k / 2, group_bytes = 2 * (p.k >> p.group_shift);
+    __device__ __forceinline__ void load(int u, const Chunk& c, Stage<Tr>& st) const {
 #pragma unroll
         for (int j = 0; j < Tr::kRowTiles; ++j)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                pdl::prefetch_l2_bulk(w[j][h], static_cast<uint32_t>(min(row_bytes, p.prefetch_bytes)));
-                for (int64_t b = 0; b < group_bytes; b += 128) {
-                    pdl::prefetch_l2(reinterpret_cast<const char*>(scale[j][h]) + b);
-                    if (zero_delta) pdl::prefetch_l2(reinterpret_cast<const char*>(scale[j][h] + zero_delta) + b);
-                }
+                st.w[j][h][u] = load_weight(w[j][h] + c.at);
+                st.scale[j][h][u] = load_u16(scale[j][h] + c.group);
+                st.zero[j][h][u] = load_u16(scale[j][h] + zero_delta + c.group);
             }
-    }
-
-    __device__ __forceinline__ void load_stage(int u, const Chunk& c, int stage, WeightStage<Tr>& ws) const {
-#pragma unroll
-        for (int j = 0; j < Tr::kRowTiles; ++j)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                if constexpr (Tr::kRing)
-                    ws.w[j][h][u] = load_shared(slot_addr(stage, j, h, u));
-                else
-                    ws.w[j][h][u] = load_weight(w[j][h] + c.at);
-                ws.scale[j][h][u] = load_u16(scale[j][h] + c.group);
-                ws.zero[j][h][u] = load_u16(scale[j][h] + zero_delta + c.group);
-            }
-    }
-
-    __device__ __forceinline__ void load_xs(int u, const Chunk& c, XStage<Tr>& xs) const {
 #pragma unroll
         for (int t = 0; t < Tr::kTokenTiles; ++t)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) xs.x[t][u][i] = load_x(x[t] + c.x_at + 8 * i);
+            for (int i = 0; i < 4; ++i) st.x[t][u][i] = load_x(x[t] + c.x_at + 8 * i);
         if (!c.in) {
 #pragma unroll
             for (int t = 0; t < Tr::kTokenTiles; ++t)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) xs.x[t][u][i] = make_uint4(0, 0, 0, 0);  // its W products vanish
+                for (int i = 0; i < 4; ++i) st.x[t][u][i] = make_uint4(0, 0, 0, 0);  // its W products vanish
         }
     }
 
-    __device__ __forceinline__ void compute(const WeightStage<Tr>& ws, const XStage<Tr>& xs, bool symmetric) {
+    // Per load and row tile: (q - z) . x of the load's 32 k (two mma chains from zero: the k16 halves of a
+    // word), then acc += s * that, in fp32; rows g (accumulator elements 0, 1) and g + 8 (2, 3).
+    __device__ __forceinline__ void compute(const Stage<Tr>& st, bool symmetric) {
 #pragma unroll
         for (int u = 0; u < Tr::kUnroll; ++u)
 #pragma unroll
             for (int j = 0; j < Tr::kRowTiles; ++j) {
-                GroupPair gp[2];
+                uint32_t bias[2];  // magic + z in both halves: exact
+                float s[2];
 #pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    gp[h] = group_pair<T>(ws.scale[j][h][u], symmetric ? Int4Magic<T>::kEight : ws.zero[j][h][u]);
+                for (int h = 0; h < 2; ++h) {
+                    const uint16_t z = symmetric ? Int4Magic<T>::kEight : st.zero[j][h][u];
+                    bias[h] = add2<T>(splat(z), Int4Magic<T>::kPair);
+                    s[h] = half_to_float<T>(st.scale[j][h][u]);
+                }
+                float part[Tr::kTokenTiles][2][4] = {};
 #pragma unroll
                 for (int word = 0; word < 4; ++word) {
-                    uint32_t lo[4], hi[4];  // rows g and g + 8, k 8 word + 0..7 of this lane's 32
-                    dequant_word<T>((&ws.w[j][0][u].x)[word], gp[0], lo);
-                    dequant_word<T>((&ws.w[j][1][u].x)[word], gp[1], hi);
+                    uint32_t lo[4], hi[4];  // rows g and g + 8, k 8 word + 0..7 of this lane's 32: q - z
+                    unpack_word<T>((&st.w[j][0][u].x)[word], bias[0], lo);
+                    unpack_word<T>((&st.w[j][1][u].x)[word], bias[1], hi);
                     const uint32_t a_lo[4] = {lo[0], hi[0], lo[1], hi[1]}, a_hi[4] = {lo[2], hi[2], lo[3], hi[3]};
 #pragma unroll
                     for (int t = 0; t < Tr::kTokenTiles; ++t) {
-                        const uint4& xw = xs.x[t][u][word];  // token g, the same 8 k
-                        attn::MmaOp<T>::run(acc[j][2 * t], a_lo, xw.x, xw.y);
-                        attn::MmaOp<T>::run(acc[j][2 * t + 1], a_hi, xw.z, xw.w);
+                        const uint4& xw = st.x[t][u][word];  // token g, the same 8 k
+                        attn::MmaOp<T>::run(part[t][0], a_lo, xw.x, xw.y);
+                        attn::MmaOp<T>::run(part[t][1], a_hi, xw.z, xw.w);
                     }
                 }
+#pragma unroll
+                for (int t = 0; t < Tr::kTokenTiles; ++t)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[j][t][e] = fmaf(s[e >> 1], part[t][0][e] + part[t][1][e], acc[j][t][e]);
             }
     }
 
-    // One step starting at k0 whose W sits in `stage`: its x, scales, zeros and W, then its mmas.
-    // __syncwarp between them: ptxas otherwise interleaves them (csrc/gemv.cu).
+    // One step starting at k0: all its loads, then its mmas. __syncwarp between them: ptxas otherwise
+    // interleaves them (csrc/gemv.cu).
     template <bool CHECK>
-    __device__ __forceinline__ void step(int64_t k0, int stage, const GemvW4Params& p) {
-        WeightStage<Tr> ws;
-        XStage<Tr> xs;
+    __device__ __forceinline__ void step(int64_t k0, const GemvW4Params& p) {
+        Stage<Tr> st;
 #pragma unroll
-        for (int u = 0; u < Tr::kUnroll; ++u) {
-            const Chunk c = chunk<Tr, CHECK>(k0, u, p);
-            load_stage(u, c, stage, ws);
-            load_xs(u, c, xs);
-        }
+        for (int u = 0; u < Tr::kUnroll; ++u) load(u, chunk<Tr, CHECK>(k0, u, p), st);
         __syncwarp();
-        compute(ws, xs, p.zeros == nullptr);
+        compute(st, p.zeros == nullptr);
     }
 };
 
@@ -286,7 +250,6 @@ template <class Tr>
 __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
     using T = typename Tr::T;
     __shared__ float partial[Tr::kWarps][Tr::kFragments];
-    extern __shared__ __align__(16) uint4 ring[];  // [kWarps][kStages][kSlots][32 lanes] 16-byte slots
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, quad = lane & 3;
     const int64_t n_out = Tr::kSwiglu ? p.n / 2 : p.n;
     const int64_t col0 = static_cast<int64_t>(blockIdx.x) * 16;
@@ -302,53 +265,28 @@ __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
             cta.w[j][h] = static_cast<const uint4*>(p.qweight) + row * loads_per_row + quad;
             cta.scale[j][h] = static_cast<const T*>(p.scales) + row * groups;
         }
+    cta.zero_delta = p.zeros ? static_cast<const T*>(p.zeros) - static_cast<const T*>(p.scales) : 0;
 #pragma unroll
     for (int t = 0; t < Tr::kTokenTiles; ++t) {
         const int token = g + 8 * t;
         cta.x[t] = static_cast<const T*>(p.x) + (token < p.m ? token : 0) * p.x_stride + Tr::kLoadK * quad;
     }
-    cta.zero_delta = p.zeros ? static_cast<const T*>(p.zeros) - static_cast<const T*>(p.scales) : 0;
-    cta.ring = attn::smem_address(ring + (warp * Tr::kStages * Tr::kSlots) * 32 + lane);
     attn::zero_fragments(cta.acc);
-
-    cta.prefetch_rows(p);
     pdl::enter();
 
     // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
-    // Only the last step can be partial (K % kStepK); its loads check K.
     const int steps = static_cast<int>((p.k + Tr::kStepK - 1) / Tr::kStepK);
     const int full_steps = static_cast<int>(p.k / Tr::kStepK);
-    if constexpr (!Tr::kRing) {
-        for (int s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(static_cast<int64_t>(s) * Tr::kStepK, 0, p);
-        if (steps > full_steps && full_steps % Tr::kWarps == warp)
-            cta.template step<true>(static_cast<int64_t>(full_steps) * Tr::kStepK, 0, p);
-    } else {
-        int ahead = warp;
-#pragma unroll
-        for (int i = 0; i < Tr::kStages - 1; ++i, ahead += Tr::kWarps) cta.fetch(ahead, steps, i, p);
-        int stage = 0, ahead_stage = Tr::kStages - 1;
-        for (int s = warp; s < steps; s += Tr::kWarps) {
-            cta.fetch(ahead, steps, ahead_stage, p);  // into the slot the previous step freed
-            ahead += Tr::kWarps;
-            ahead_stage = ahead_stage + 1 == Tr::kStages ? 0 : ahead_stage + 1;
-            attn::cp_async_wait<Tr::kStages - 1>();   // this lane's copies of step s have landed
-            if (s < full_steps)
-                cta.template step<false>(static_cast<int64_t>(s) * Tr::kStepK, stage, p);
-            else
-                cta.template step<true>(static_cast<int64_t>(s) * Tr::kStepK, stage, p);
-            stage = stage + 1 == Tr::kStages ? 0 : stage + 1;
-        }
-        attn::cp_async_wait<0>();  // no copy may outlive the CTA's shared memory
-    }
+    for (int s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(static_cast<int64_t>(s) * Tr::kStepK, p);
+    if (steps > full_steps && full_steps % Tr::kWarps == warp)
+        cta.template step<true>(static_cast<int64_t>(full_steps) * Tr::kStepK, p);
 
 #pragma unroll
     for (int j = 0; j < Tr::kRowTiles; ++j)
 #pragma unroll
         for (int t = 0; t < Tr::kTokenTiles; ++t)
 #pragma unroll
-            for (int c = 0; c < 4; ++c)
-                partial[warp][((j * Tr::kTokenTiles + t) * 32 + lane) * 4 + c] =
-                    cta.acc[j][2 * t][c] + cta.acc[j][2 * t + 1][c];
+            for (int c = 0; c < 4; ++c) partial[warp][((j * Tr::kTokenTiles + t) * 32 + lane) * 4 + c] = cta.acc[j][t][c];
     __syncthreads();
 
     const gemv::Epilogue ep{p.out, nullptr, p.residual, p.out_stride, p.res_stride, p.m, n_out};
@@ -372,35 +310,29 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
 }  // namespace gemv_w4
 }  // namespace fusedops
 
-// Instantiations: gemv_w4_<linear|swiglu>_<dtype>_m<8|16>_w<warps>_u<loads a step>_b<min CTAs an SM>_s<ring stages>,
-// the table fusedops/ops/gemm_w4.py TUNINGS. The min-CTA bound sets ptxas' register cap; with the ring
-// (warps x stages x loads a step x 512 bytes of dynamic shared memory) it must also fit the SM's 227 KB.
-#define FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U, B, S)                           \
+// Instantiations: gemv_w4_<linear|swiglu>_<dtype>_m<8|16>_w<warps>_u<loads a step>_b<min CTAs an SM>, the
+// table fusedops/ops/gemm_w4.py TUNINGS. The min-CTA bound sets ptxas' register cap: each entry is the
+// tightest cap (most resident warps) that spills nothing for its (warps, loads) at sm_90a.
+#define FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U, B)                              \
     extern "C" __global__ void __launch_bounds__(32 * W, B)                                                   \
-        gemv_w4_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U##_b##B##_s##S(const __grid_constant__ GemvW4Params p) { \
-        fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU, S>>(p);           \
+        gemv_w4_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U##_b##B(const __grid_constant__ GemvW4Params p) {     \
+        fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU>>(p);              \
     }
 #define FUSEDOPS_GEMV_W4_DTYPE(T, SUFFIX)                                                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 1)                                   \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3, 1)                                   \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 4)                                   \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 3)                                   \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3, 3)                                   \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4, 4)                                   \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2, 3)                                  \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 2, 1)                                  \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 3, 4)                                  \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 3, 3)                                  \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 2, 4)                                  \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 2, 3)                                    \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 3, 4)                                    \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 4, 1)                                    \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 3, 3)                                    \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 1, 4, 4)                                    \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2, 1)                                   \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2, 4)                                   \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 2, 2, 3)                                   \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 1, 3, 4)                                   \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2)                                     \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 3)                                     \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 16, 1, 1)                                    \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 4)                                     \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 3)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 1, 4)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 3)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 16, 1, 1)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 2, 2)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 16, 1, 1)                                     \
     extern "C" __global__ void __launch_bounds__(256) dequant_w4_##SUFFIX(const __grid_constant__ DequantW4Params p) { \
         fusedops::pdl::enter();                                                                                        \
         fusedops::gemv_w4::dequant_w4<T>(p);                                                                  \

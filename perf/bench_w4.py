@@ -27,7 +27,6 @@ TOKENS = (1, 4, 8, 16)
 CYCLE_BYTES = 256 << 20      # weight copies per timing loop: > 5x the 50 MB L2, so every call reads HBM
 CONTEXT = 512                # tokens before decode (ANCHORS.md's setup), StaticCache of CACHE_LEN
 CACHE_LEN = 1024
-PREFETCH_SHIPPED = gemm_w4.PREFETCH_ROW_BYTES
 
 
 def copies_for(nbytes: int) -> int:
@@ -105,18 +104,11 @@ def kernels(copy_gbs: float) -> tuple[list[dict], list[dict]]:
             tile = gemm_w4.token_tile(m)
             default = gemm_w4.default_tuning(kind, tile, -(-n_out // gemm_w4.ROWS_PER_CTA),
                                              torch.cuda.get_device_properties(0).multi_processor_count)
-            shipped = gemm_w4.PREFETCH_ROW_BYTES
             for tuning in gemm_w4.TUNINGS[kind, tile]:
-                for prefetch in (shipped, 0) if m == 1 and shipped else (shipped,):
-                    gemm_w4.PREFETCH_ROW_BYTES = prefetch
-                    try:
-                        t = time_cycled(lambda qc: tuned_call(op, x, qc, res, out, tuning), q_copies)
-                    finally:
-                        gemm_w4.PREFETCH_ROW_BYTES = shipped
-                    sweep.append({"GEMM": name, "M": m, "warps x loads, min CTAs, stages": "%d x %d, %d, %d" % tuning,
-                                  "L2 prefetch B/row": prefetch,
-                                  "default": "yes" if tuning == default and prefetch == shipped else "", "µs": t,
-                                  "% copy": 100 * moved / t / 1e3 / copy_gbs})
+                t = time_cycled(lambda qc: tuned_call(op, x, qc, res, out, tuning), q_copies)
+                sweep.append({"GEMM": name, "M": m, "warps x loads, min CTAs": "%d x %d, %d" % tuning,
+                              "default": "yes" if tuning == default else "", "µs": t,
+                              "% copy": 100 * moved / t / 1e3 / copy_gbs})
         del q_copies, w_copies, w
         torch.cuda.empty_cache()
     return rows, sweep
@@ -139,7 +131,6 @@ def prefill_route() -> list[dict]:
 
 VARIANTS = {"bf16": ("fusedops bf16", {}), "int4": ("fusedops int4", {"weights": "int4"}),
             "int4_lm_head": ("fusedops int4 + int4 lm_head", {"weights": "int4", "int4_lm_head": True}),
-            "int4_no_prefetch": ("fusedops int4, no L2 prefetch before the wait", {"weights": "int4"}),
             "round_trip": ("fusedops bf16, weights = int4 round trip (lm_head bf16)", {})}
 
 
@@ -164,8 +155,6 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
         if label == VARIANTS["round_trip"][0]:  # same weights as "fusedops int4": the kernels' own error
             dequantize_linears(model)
             ref["logits"], ref["argmax"] = ref["int4"], ref["int4"][:-1].argmax(-1)
-        # captured launches keep the prefetch size they were captured with
-        gemm_w4.PREFETCH_ROW_BYTES = 0 if label == VARIANTS["int4_no_prefetch"][0] else PREFETCH_SHIPPED
         fn = torch.compile(model, backend="fusedops", options={"clone_outputs": False, **options})
         t0 = time.perf_counter()
         with torch.no_grad():

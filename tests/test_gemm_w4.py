@@ -111,26 +111,17 @@ def test_kernel_names_route_token_tiles_and_tunings():
     assert gemm_w4.default_tuning("linear", 8, 256, 132) == gemm_w4.TUNING["linear", 8]
     assert gemm_w4.default_tuning("linear", 16, 384, 132) == gemm_w4.TUNING["linear", 16]
     assert gemm_w4.default_tuning("swiglu", 8, 896, 132) == gemm_w4.TUNING["swiglu", 8]
-    assert gemm_w4.kernel_name("swiglu", torch.float16, 3, (8, 1, 3, 4)) == "gemv_w4_swiglu_fp16_m8_w8_u1_b3_s4"
-    assert gemm_w4.kernel_name("linear", torch.bfloat16, 9, (4, 2, 3, 3)) == "gemv_w4_linear_bf16_m16_w4_u2_b3_s3"
+    assert gemm_w4.kernel_name("swiglu", torch.float16, 3, (16, 1, 1)) == "gemv_w4_swiglu_fp16_m8_w16_u1_b1"
+    assert gemm_w4.kernel_name("linear", torch.bfloat16, 9, (4, 2, 4)) == "gemv_w4_linear_bf16_m16_w4_u2_b4"
     with pytest.raises(ValueError, match="^tuning:"):
-        gemm_w4.kernel_name("linear", torch.bfloat16, 16, (8, 1, 4, 4))  # compiled for m8 only
+        gemm_w4.kernel_name("linear", torch.bfloat16, 16, (8, 1, 4))  # compiled for m8 only
 
 
-def test_every_tuning_fits_the_sm_at_its_occupancy():
-    """Ring (dynamic) + partial sums (static) shared memory, times the min CTAs an SM the register cap
-    promises, must fit an H100 / H200 SM (228 KB, 1 KB of it reserved per CTA); one CTA within 227 KB."""
-    for (kind, tile), tunings in gemm_w4.TUNINGS.items():
-        for tuning in tunings:
-            warps, unroll, blocks, stages = tuning
-            assert stages >= 1 and warps * 32 <= 1024, tuning
-            partial = warps * (2 if kind == "swiglu" else 1) * (tile // 8) * 128 * 4
-            per_cta = gemm_w4.ring_bytes(kind, tuning) + partial
-            assert per_cta <= 227 * 1024 and blocks * (per_cta + 1024) <= 228 * 1024, (kind, tile, tuning, per_cta)
-    # the ring holds warps x stages x (2 rows a tile, 2 tiles for SwiGLU) x loads 16-byte slots a lane
-    assert gemm_w4.ring_bytes("linear", (8, 2, 2, 4)) == 8 * 4 * 2 * 2 * 512
-    assert gemm_w4.ring_bytes("swiglu", (4, 2, 3, 3)) == 4 * 3 * 4 * 2 * 512
-    assert gemm_w4.ring_bytes("swiglu", (4, 2, 4, 1)) == 0  # the register kernel
+def test_groups_below_128_take_the_dequantize_route():
+    """The GEMV scales each mma's sums by one group's s: a quad's 128 k must lie in one group."""
+    x = torch.randn(2, 256)
+    for group, gemv in ((32, False), (64, False), (96, False), (128, True), (256, True)):
+        assert (gemm_w4._gemv_input(x, group) is not None) == gemv, group
 
 
 def _has_cuobjdump():
@@ -154,35 +145,19 @@ def test_build_has_every_tuning_no_spills_and_loads_before_mmas():
     assert len(re.findall(r"\b0 bytes spill stores", log)) == len(entries), "a gemv_w4 kernel spills"
     ptx = compiler.emit_ptx(gemm_w4.SOURCE, "sm_90a")
     sass = compiler.disassemble(cubin) if _has_cuobjdump() else None
-    for name in ("gemv_w4_linear_bf16_m8_w8_u2_b2_s1", "gemv_w4_linear_bf16_m8_w8_u2_b2_s4",
-                 "gemv_w4_swiglu_bf16_m8_w4_u2_b3_s3"):
+    # W loads (2 rows x loads a step) issued before the first mma
+    for name, loads in (("gemv_w4_linear_bf16_m8_w8_u2_b2", 4), ("gemv_w4_swiglu_bf16_m8_w4_u2_b3", 8)):
         body = ptx.split(f".entry {name}")[1].split(".entry")[0]
         assert "lop3.b32" in body and "0xea" in body          # (nibbles & mask) | magic in one lop3
-        assert "sub.bf16x2" in body and "mul.bf16x2" in body  # (128+q) - (128+z), times s: paired bf16, exact
+        assert "sub.bf16x2" in body                           # (128+q) - (128+z): the exact q - z, paired
+        assert "mul.bf16x2" not in body and "fma.rn.f32" in body  # s applied to the fp32 sums, not to W
         assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in body
         assert "shfl" not in body                             # A and B fragments agree on k without shuffles
-        # the rows are pulled toward L2 (one bulk prefetch each) before the kernel waits for its predecessor
-        assert "cp.async.bulk.prefetch.L2.global" in body[:body.index("griddepcontrol.wait")], name
-    # the register kernel: a step's W loads (2 rows x 2 loads) all issued before its first mma
-    body = ptx.split(".entry gemv_w4_linear_bf16_m8_w8_u2_b2_s1")[1].split(".entry")[0]
-    assert _first_mma_after(body, "ld.global.nc.L1::no_allocate.L2::256B.v4.u32", "mma.sync") >= 4
-    assert "cp.async.cg" not in body
-    # the ring kernels: W only through cp.async (16-byte copies, slots of them a step), never into registers
-    for name, slots in (("gemv_w4_linear_bf16_m8_w8_u2_b2_s4", 4), ("gemv_w4_swiglu_bf16_m8_w4_u2_b3_s3", 8)):
-        body = ptx.split(f".entry {name}")[1].split(".entry")[0]
-        assert "ld.global.nc.L1::no_allocate" not in body
-        copies = re.findall(r"cp\.async\.cg\.shared\.global(?:\.L2::256B)? \[[^]]+\], \[[^]]+\], (\d+);", body)
-        assert copies and set(copies) == {"16"} and len(copies) % slots == 0, (name, len(copies))
-        assert "cp.async.wait_group 0" in body                # nothing in flight when the CTA ends
-    if sass is not None:
-        for name, load in (("gemv_w4_linear_bf16_m8_w8_u2_b2_s1", "LDG.E.NA.LTC256B.128"),
-                           ("gemv_w4_linear_bf16_m8_w8_u2_b2_s4", "LDGSTS")):
+        assert _first_mma_after(body, "ld.global.nc.L1::no_allocate.L2::256B.v4.u32", "mma.sync") >= loads, name
+        if sass is not None:
             code = sass.split(f"Function : {name}")[1].split("Function :")[0]
-            assert "HMMA.16816.F32.BF16" in code and load in code, name
-            if load == "LDGSTS":
-                assert "LDG.E.NA" not in code, f"{name}: W loaded into registers"
-            else:
-                assert _first_mma_after(code, load, "HMMA") >= 4, f"{name}: W loads after mmas"
+            assert "HMMA.16816.F32.BF16" in code and "HMUL2" not in code
+            assert _first_mma_after(code, "LDG.E.NA.LTC256B.128", "HMMA") >= loads, f"{name}: W loads after mmas"
 
 
 # ---------------------------------------------------------------- GPU
@@ -196,7 +171,7 @@ def check_case(op, m, n, k, dtype, symmetric, seed, group=128, x_pad=0):
     out = run(op, x, q, res)
     err = rel_err(out, ref)
     assert err <= bar and err <= MAX_ERR[dtype], (op, m, n, k, dtype, symmetric, group, err, bar)
-    if m > gemm_w4.MAX_GEMV_TOKENS or group & (group - 1):
+    if gemm_w4._gemv_input(x, group) is None:  # the dequantize route
         return
     # every compiled tuning, into NaN-poisoned memory (catches unwritten outputs)
     for tuning in gemm_w4.TUNINGS[gemm_w4.KINDS[op], gemm_w4.token_tile(m)]:

@@ -4,7 +4,6 @@
 // decode step of ~260 small kernels). That is safe only because every fusedops kernel calls enter() before
 // it reads anything an earlier kernel wrote or writes anything an earlier kernel may still read.
 #pragma once
-#include <stdint.h>
 
 namespace fusedops {
 namespace pdl {
@@ -22,16 +21,6 @@ __device__ __forceinline__ void enter() {
 // Pull a read-only line (weights: nothing in a forward pass writes them) toward L2 before enter().
 __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
-// The same for `bytes` (a multiple of 16, from a 16-byte aligned p) in one instruction: the copy engine
-// behind TMA walks the range, the thread goes on at once.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-    prefetch_l2(p);
-#endif
 }
 
 }  // namespace pdl

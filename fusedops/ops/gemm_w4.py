@@ -5,13 +5,15 @@
     fusedops::gate_up_silu_w4(x, qweight, scales, zeros, group)               silu(x Wg^T) * (x Wu^T)
 
 W = quant.dequantize(qweight, scales, zeros, group) (rounded to the model dtype), zeros None means
-symmetric; gate_up_silu_w4's qweight packs [Wg; Wu] (gate rows first, block = I). The CUDA kernels, like
-the bf16 GEMV, add the residual and form silu(g) * u from the fp32 sums and round once; the CPU references
-compute the same way (the bf16 ops' references on the dequantized weight).
+symmetric; gate_up_silu_w4's qweight packs [Wg; Wu] (gate rows first, block = I). The CPU references and
+the dequantize route multiply by that rounded W; the GEMV multiplies x by the exact q - z and scales the
+fp32 sums of each group by s, i.e. by the unrounded (q - z) * s (closer to the float64 value; the GPU tests
+bound both against float64). Like the bf16 GEMV, it adds the residual and forms silu(g) * u in fp32 and
+rounds once.
 
-CUDA: up to MAX_GEMV_TOKENS tokens (and a power-of-two group) run the tensor-core GEMV, one 8-token mma
-tile for M <= 8, two up to 16; more tokens dequantize the weight into a scratch tensor and run cuBLAS
-(prefill is compute-bound anyway).
+CUDA: up to MAX_GEMV_TOKENS tokens (and a power-of-two group >= MIN_GEMV_GROUP) run the tensor-core GEMV,
+one 8-token mma tile for M <= 8, two up to 16; more tokens, or groups of 32 / 64, dequantize the weight into
+a scratch tensor and run cuBLAS (prefill is compute-bound anyway).
 """
 from __future__ import annotations
 
@@ -30,25 +32,23 @@ from .gemm import gate_up_silu_reference, gate_up_silu_torch, linear_residual_re
 SOURCE = register_source("gemv_w4", "gemv_w4.cu")
 MAX_GEMV_TOKENS = 16                # two 8-token mma tiles (the gemv_w4_*_m16 kernels)
 ROWS_PER_CTA = 16                   # outputs a CTA owns (SwiGLU: their 16 gate + 16 up rows)
-# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap, stages: 1 loads a
-# step's W into registers, s >= 2 streams it through a per-warp shared-memory ring with s - 1 steps in
-# flight) compiled per (kind, token tile) in csrc/gemv_w4.cu; default_tuning picks one.
+# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap) compiled per
+# (kind, token tile) in csrc/gemv_w4.cu; default_tuning picks one.
 TUNINGS = {
-    ("linear", 8): ((8, 2, 2, 1), (4, 4, 3, 1), (8, 2, 2, 4), (8, 2, 2, 3), (4, 4, 3, 3), (8, 1, 4, 4), (16, 1, 2, 3)),
-    ("linear", 16): ((8, 1, 2, 1), (8, 1, 3, 4), (4, 2, 3, 3), (8, 1, 2, 4)),
-    ("swiglu", 8): ((4, 2, 4, 1), (4, 2, 3, 3), (8, 1, 3, 4), (8, 1, 2, 3), (4, 1, 4, 4)),
-    ("swiglu", 16): ((8, 1, 2, 1), (8, 1, 2, 4), (4, 2, 2, 3), (4, 1, 3, 4)),
+    ("linear", 8): ((8, 1, 4), (8, 2, 2), (16, 1, 2), (4, 4, 3)),
+    ("linear", 16): ((8, 1, 3), (16, 1, 1), (4, 2, 4)),
+    ("swiglu", 8): ((8, 1, 3), (4, 1, 4), (4, 2, 3), (16, 1, 1)),
+    ("swiglu", 16): ((8, 1, 2), (4, 2, 2), (16, 1, 1)),
 }
-# H100 graph replay, 2026-11-25, the register kernel's tunings on the Llama-3-8B shapes (perf/notes/int4.md,
-# run 3), M = 1: a linear whose grid fits 2 CTAs an SM streams fastest at 8 warps x 2 loads (o_proj 6.0 us
-# vs 6.8 for 8 x 1, down 14.9 vs 17.9); a larger grid (q/k/v, 384 CTAs) at 4 x 4, whose 3 CTAs an SM hold it
-# in one wave (7.6 vs 9.2 us for 8 x 2). SwiGLU 4 x 2 (8 loads in flight a lane) won at M 1-8 (26.3 vs 29.8
-# us for 8 x 2). H200, run 5 (2026-12-03): the first ring tunings were 15-40 % slower than these.
-TUNING = {("linear", 8): (8, 2, 2, 1), ("linear", 16): (8, 1, 2, 1), ("swiglu", 8): (4, 2, 4, 1),
-          ("swiglu", 16): (8, 1, 2, 1)}
-WIDE_LINEAR_TUNING = (4, 4, 3, 1)   # linear, M <= 8, more than 2 CTAs an SM
-# Bytes of each W row a GEMV CTA pulls toward L2 before it waits for the kernel ahead of it (0: none).
-PREFETCH_ROW_BYTES = 4096
+# Graph replay on the Llama-3-8B shapes, M = 1 (perf/notes/int4.md). H100 run 3: a linear whose grid fits 2
+# CTAs an SM streams fastest at 8 warps x 2 loads (o_proj 6.0 us vs 6.8 for 8 x 1, down 14.9 vs 17.9); a
+# larger grid (q/k/v, 384 CTAs) at 4 x 4, whose 3 CTAs an SM hold it in one wave (7.6 vs 9.2 us for 8 x 2);
+# at M = 16 the 8 x 1 variants won on all four shapes. SwiGLU: NOT YET MEASURED since the scale moved after
+# the mma (its 4 x 2 at 4 CTAs an SM, the H100 winner, now spills; 4 x 2 at 3 is the nearest).
+TUNING = {("linear", 8): (8, 2, 2), ("linear", 16): (8, 1, 3), ("swiglu", 8): (4, 2, 3),
+          ("swiglu", 16): (8, 1, 2)}
+WIDE_LINEAR_TUNING = (4, 4, 3)      # linear, M <= 8, more than 2 CTAs an SM
+MIN_GEMV_GROUP = 128                # the scale is applied per mma: a quad's 128 k must share one group
 DEQUANT_THREADS = 256
 DTYPES = (torch.bfloat16, torch.float16)
 KINDS = {"linear": "linear", "linear_residual": "linear", "gate_up_silu": "swiglu"}
@@ -59,7 +59,7 @@ class GemvW4Params(ctypes.Structure):
                 ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p), ("residual", ctypes.c_void_p),
                 ("m", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("x_stride", ctypes.c_int64), ("out_stride", ctypes.c_int64), ("res_stride", ctypes.c_int64),
-                ("group_shift", ctypes.c_int64), ("prefetch_bytes", ctypes.c_int64)]
+                ("group_shift", ctypes.c_int64)]
 
 
 class DequantW4Params(ctypes.Structure):
@@ -146,7 +146,7 @@ def token_tile(m: int) -> int:
     return 8 if m <= 8 else 16
 
 
-def default_tuning(kind: str, tile: int, ctas: int, sms: int) -> tuple[int, int, int, int]:
+def default_tuning(kind: str, tile: int, ctas: int, sms: int) -> tuple[int, int, int]:
     if kind == "linear" and tile == 8 and ctas > 2 * sms:
         return WIDE_LINEAR_TUNING
     return TUNING[kind, tile]
@@ -157,13 +157,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int, int, int]] = None) -> str:
+def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int, int]] = None) -> str:
     tile = token_tile(m)
     tuning = tuning or TUNING[kind, tile]
     if tuning not in TUNINGS[kind, tile]:
         raise ValueError(f"tuning: {tuning} is not compiled for {kind} m{tile} (one of {TUNINGS[kind, tile]})")
-    warps, unroll, blocks, stages = tuning
-    return f"gemv_w4_{kind}_{DTYPE_SUFFIX[dtype]}_m{tile}_w{warps}_u{unroll}_b{blocks}_s{stages}"
+    warps, unroll, blocks = tuning
+    return f"gemv_w4_{kind}_{DTYPE_SUFFIX[dtype]}_m{tile}_w{warps}_u{unroll}_b{blocks}"
 
 
 def _packed(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -174,7 +174,8 @@ def _packed(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual2=None, tuning=None) -> None:
-    """x2 [M <= 16, K] (unit last stride, 16-byte aligned rows) -> out2 [M, N_out]; group a power of two."""
+    """x2 [M <= 16, K] (unit last stride, 16-byte aligned rows) -> out2 [M, N_out]; group a power of two
+    >= MIN_GEMV_GROUP."""
     qweight, scales, zeros = _packed(qweight), _packed(scales), _packed(zeros)
     m, k = x2.shape
     n = qweight.shape[0]
@@ -183,22 +184,12 @@ def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual
                           zeros.data_ptr() if zeros is not None else None,
                           residual2.data_ptr() if residual2 is not None else None,
                           m, n, k, x2.stride(0), out2.stride(0),
-                          residual2.stride(0) if residual2 is not None else 0, group.bit_length() - 1,
-                          PREFETCH_ROW_BYTES)
+                          residual2.stride(0) if residual2 is not None else 0, group.bit_length() - 1)
     ctas = -(-(n // 2 if kind == "swiglu" else n) // ROWS_PER_CTA)
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     tuning = tuning or default_tuning(kind, token_tile(m), ctas, _sm_count(device))
     kernel(SOURCE, kernel_name(kind, x2.dtype, m, tuning), GemvW4Params, x2.device).launch(
-        (ctas,), (32 * tuning[0],), params, smem=ring_bytes(kind, tuning))
-
-
-def ring_bytes(kind: str, tuning: tuple[int, int, int, int]) -> int:
-    """Dynamic shared memory of a tuning: none for the register kernel (1 stage), else warps x stages x (W rows a lane loads: 2 a row tile) x loads a
-    step x 32 lanes x 16 bytes."""
-    warps, unroll, _, stages = tuning
-    if stages == 1:
-        return 0
-    return warps * stages * 2 * (2 if kind == "swiglu" else 1) * unroll * 32 * 16
+        (ctas,), (32 * tuning[0],), params)
 
 
 def dequantize_cuda(qweight, scales, zeros, group, dtype) -> torch.Tensor:
@@ -218,7 +209,7 @@ def dequantize_cuda(qweight, scales, zeros, group, dtype) -> torch.Tensor:
 def _gemv_input(x: torch.Tensor, group: int) -> Optional[torch.Tensor]:
     """x as [M, K] rows the GEMV can read (16-byte aligned), or None when M or the group is out of its range."""
     x2 = rows_view("x", x)
-    if not 0 < x2.shape[0] <= MAX_GEMV_TOKENS or group & (group - 1):
+    if not 0 < x2.shape[0] <= MAX_GEMV_TOKENS or group & (group - 1) or group < MIN_GEMV_GROUP:
         return None
     if x2.data_ptr() % 16 or (x2.shape[0] > 1 and x2.stride(0) % 8):
         x2 = x2.contiguous()
