@@ -105,7 +105,8 @@ def _nonzero(scale: torch.Tensor) -> torch.Tensor:
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int,
                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """(q - z) * s computed in fp32 (exact: a 5-bit integer times a 16-bit float) and rounded once to
-    `dtype` (default: the scales' dtype) — the same weight the kernel multiplies with."""
+    `dtype` (default: the scales' dtype): the weight the dequantize route and the CPU references multiply
+    with. The int4 GEMV multiplies by the exact value (dtype=torch.float32 or float64 gives it)."""
     q = unpack_int4(qweight)
     n, k = q.shape
     check_group(k, group)

@@ -46,6 +46,13 @@ SWEEP = (
      True),
     ("zero-copy 64 MiB, 2 ahead, 2 threads", dict(zero_copy=True, staging_bytes=64 * MiB, staging_buffers=2,
                                                   copy_threads=2), True),
+    # More threads: does page-locking (the zero-copy path's only host work) or the memcpy scale with them?
+    ("zero-copy 64 MiB, 8 ahead, 8 threads", dict(zero_copy=True, staging_bytes=64 * MiB, staging_buffers=8,
+                                                  copy_threads=8), True),
+    ("zero-copy 256 MiB, 4 ahead, 4 threads", dict(zero_copy=True, staging_bytes=256 * MiB, staging_buffers=4,
+                                                   copy_threads=4), True),
+    ("mmap 64 MiB x 8, 4 threads", dict(fill="mmap", staging_bytes=64 * MiB, staging_buffers=8, copy_threads=4), True),
+    ("mmap 32 MiB x 8, 4 threads", dict(fill="mmap", staging_bytes=32 * MiB, staging_buffers=8, copy_threads=4), True),
 )
 READ_THREADS = (8, 16)  # the preadv -> pinned ceiling, per thread count (round 3: 1 to 16 threads, 4.8-30.2 GB/s)
 RUNS = 5  # first call, then the median of 4 (round 2's single medians of 2 spread 28.7-34.1)

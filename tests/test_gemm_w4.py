@@ -29,8 +29,10 @@ def problem(m, n, k, dtype, device="cpu", symmetric=False, seed=0, group=128):
 
 
 def expected(op, x, q, res):
-    """float64 math on the dequantized weight (on x's device), no rounding in between."""
-    y = x.double() @ quant.dequantize(*q).double().T
+    """float64 math on the quantized weight's exact value (q - z) * s (on x's device), no rounding anywhere:
+    the GEMV multiplies by that value, the dequantize route by it rounded to the model dtype (as does the
+    error bar, torch_same_dtype)."""
+    y = x.double() @ quant.dequantize(*q, torch.float64).T
     if op == "linear":
         return y
     if op == "linear_residual":
@@ -105,11 +107,13 @@ def test_kernel_names_route_token_tiles_and_tunings():
     assert [gemm_w4.token_tile(m) for m in (1, 8, 9, 16)] == [8, 8, 16, 16]
     for (kind, tile), tuning in gemm_w4.TUNING.items():
         assert tuning in gemm_w4.TUNINGS[kind, tile]
-    assert gemm_w4.WIDE_LINEAR_TUNING in gemm_w4.TUNINGS["linear", 8]
+    for tile, tuning in gemm_w4.WIDE_LINEAR_TUNING.items():
+        assert tuning in gemm_w4.TUNINGS["linear", tile]
     # measured: q/k/v (384 CTAs) one wave at 3 CTAs an SM; o_proj / down_proj (256) fit 2 an SM
-    assert gemm_w4.default_tuning("linear", 8, 384, 132) == gemm_w4.WIDE_LINEAR_TUNING
+    assert gemm_w4.default_tuning("linear", 8, 384, 132) == gemm_w4.WIDE_LINEAR_TUNING[8]
     assert gemm_w4.default_tuning("linear", 8, 256, 132) == gemm_w4.TUNING["linear", 8]
-    assert gemm_w4.default_tuning("linear", 16, 384, 132) == gemm_w4.TUNING["linear", 16]
+    assert gemm_w4.default_tuning("linear", 16, 384, 132) == gemm_w4.WIDE_LINEAR_TUNING[16]
+    assert gemm_w4.default_tuning("linear", 16, 256, 132) == gemm_w4.TUNING["linear", 16]
     assert gemm_w4.default_tuning("swiglu", 8, 896, 132) == gemm_w4.TUNING["swiglu", 8]
     assert gemm_w4.kernel_name("swiglu", torch.float16, 3, (16, 1, 1)) == "gemv_w4_swiglu_fp16_m8_w16_u1_b1"
     assert gemm_w4.kernel_name("linear", torch.bfloat16, 9, (4, 2, 4)) == "gemv_w4_linear_bf16_m16_w4_u2_b4"

@@ -40,14 +40,15 @@ TUNINGS = {
     ("swiglu", 8): ((8, 1, 3), (4, 1, 4), (4, 2, 3), (16, 1, 1)),
     ("swiglu", 16): ((8, 1, 2), (4, 2, 2), (16, 1, 1)),
 }
-# Graph replay on the Llama-3-8B shapes, M = 1 (perf/notes/int4.md). H100 run 3: a linear whose grid fits 2
-# CTAs an SM streams fastest at 8 warps x 2 loads (o_proj 6.0 us vs 6.8 for 8 x 1, down 14.9 vs 17.9); a
-# larger grid (q/k/v, 384 CTAs) at 4 x 4, whose 3 CTAs an SM hold it in one wave (7.6 vs 9.2 us for 8 x 2);
-# at M = 16 the 8 x 1 variants won on all four shapes. SwiGLU: NOT YET MEASURED since the scale moved after
-# the mma (its 4 x 2 at 4 CTAs an SM, the H100 winner, now spills; 4 x 2 at 3 is the nearest).
-TUNING = {("linear", 8): (8, 2, 2), ("linear", 16): (8, 1, 3), ("swiglu", 8): (4, 2, 3),
+# H200 graph replay on the Llama-3-8B shapes (perf/notes/int4.md, run 6, 2026-12-03; the H100's run 3 picked
+# the same shapes' winners within 10 %): a linear whose grid fits 2 CTAs an SM streams fastest with 16 warps
+# x 1 load (M = 1: o_proj 5.0 us vs 5.3 for 8 x 2, down 11.6 vs 13.0), a wider grid (q/k/v, 384 CTAs) at
+# 4 x 4, 3 CTAs an SM in one wave (6.4 vs 7.3-8.4). At M = 16 the narrow grids take 4 x 2 (o 9.4 vs 11.4,
+# down 25.2 vs 32.0), q/k/v 8 x 1 (11.3 vs 14.6). SwiGLU: 4 x 2 at 3 CTAs an SM (22.7 us, 8 x 1 22.8) and
+# 8 x 1 at M = 16 (35.7 vs 38.6).
+TUNING = {("linear", 8): (16, 1, 2), ("linear", 16): (4, 2, 4), ("swiglu", 8): (4, 2, 3),
           ("swiglu", 16): (8, 1, 2)}
-WIDE_LINEAR_TUNING = (4, 4, 3)      # linear, M <= 8, more than 2 CTAs an SM
+WIDE_LINEAR_TUNING = {8: (4, 4, 3), 16: (8, 1, 3)}   # linear, more CTAs than 2 an SM
 MIN_GEMV_GROUP = 128                # the scale is applied per mma: a quad's 128 k must share one group
 DEQUANT_THREADS = 256
 DTYPES = (torch.bfloat16, torch.float16)
@@ -147,8 +148,8 @@ def token_tile(m: int) -> int:
 
 
 def default_tuning(kind: str, tile: int, ctas: int, sms: int) -> tuple[int, int, int]:
-    if kind == "linear" and tile == 8 and ctas > 2 * sms:
-        return WIDE_LINEAR_TUNING
+    if kind == "linear" and ctas > 2 * sms:
+        return WIDE_LINEAR_TUNING[tile]
     return TUNING[kind, tile]
 
 
