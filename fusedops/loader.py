@@ -42,13 +42,14 @@ from typing import Callable, NamedTuple
 
 import torch
 
-# Pinned staging, 64 MiB x 4 filled by 2 threads (H100 hosts, 2026-11-25, perf/notes/loader.md): with the populate,
-# 27.6 GB/s vs 23.3 for x 2 / 1 thread and 23.4 for x 3 / 1 thread in the same run; round 2 (no populate) 32.7 vs
-# 32.1. Buffer count and size alone bought nothing (16/64/256 MiB x 2-4, rounds 1 and 3).
-STAGING_BYTES = 64 << 20
-STAGING_BUFFERS = 4
-# fill="mmap" memcpy threads (each fills its own buffer), page-locking threads of the zero-copy path.
-COPY_THREADS = 2
+# Pinned staging, 32 MiB x 8 filled by 4 threads (H200 host, 2026-12-03, perf/notes/loader.md): 36.2 GB/s vs 28.3
+# for 64 MiB x 4 / 2 threads (the H100 hosts' choice: 27.6 vs 23.3 for x 2 / 1 thread) and 32.6 for 64 MiB x 8 /
+# 4 threads in the same run. Buffer count and size alone bought nothing (16/64/256 MiB x 2-4, H100 rounds 1, 3).
+STAGING_BYTES = 32 << 20
+STAGING_BUFFERS = 8
+# fill="mmap" memcpy threads (each fills its own buffer), page-locking threads of the zero-copy path (8 of them
+# pinned no faster than 2 on the H200 host: 18.7 vs 18.8 GB/s).
+COPY_THREADS = 4
 # fill="read": threads reading slices of one chunk at a time. preadv -> pinned alone moved 4.8 GB/s with 1 thread,
 # 27.0 with 8, 30.2 with 16 (H100 host, 2026-11-25); loads with 12 threads 29.7 and 17.9 GB/s, below "mmap".
 READ_THREADS = 12

@@ -33,7 +33,8 @@ LAYER = {"self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (10
          "mlp.down_proj.weight": (4096, 14336), "input_layernorm.weight": (4096,),
          "post_attention_layernorm.weight": (4096,)}
 MiB = 1 << 20
-# (label, load_safetensors keyword arguments, populate); the first row is rounds 1-2's default, the fourth today's.
+# (label, load_safetensors keyword arguments, populate); the first row is rounds 1-2's default, the fourth stop 12's,
+# the last today's.
 SWEEP = (
     ("mmap faulting 64 MiB x 2, 1 thread", dict(fill="mmap", staging_bytes=64 * MiB, staging_buffers=2,
                                                 copy_threads=1), False),
