@@ -128,23 +128,18 @@ __device__ __forceinline__ uint16_t load_u16(const void* ptr) {
     return v;
 }
 
-template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU, bool X_SHARED>
+template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU>
 struct Traits : gemv::CtaShape<T_, TOKEN_TILES, WARPS, UNROLL, SWIGLU> {
     static constexpr int kLoadK = 32;                    // k in one 16-byte load of packed int4
     static constexpr int kStepK = 4 * kLoadK * UNROLL;   // k one warp covers per step: 4 lanes x 32 x unroll
-    // x [M, K] copied to shared memory once per CTA: a step then loads only W (x is read just before its
-    // mma, at shared-memory latency), which frees x's registers for more W loads in flight.
-    static constexpr bool kXShared = X_SHARED;
 };
 
-// What one step loads: W with its groups' scales and zeros, and x at the same k (from global memory into
-// registers, or, with x in shared memory, only where to read it).
+// What one step loads: W with its groups' scales and zeros, and x at the same k.
 template <class Tr>
 struct Stage {
     uint4 w[Tr::kRowTiles][2][Tr::kUnroll];
     uint16_t scale[Tr::kRowTiles][2][Tr::kUnroll], zero[Tr::kRowTiles][2][Tr::kUnroll];
-    uint4 x[Tr::kXShared ? 1 : Tr::kTokenTiles][Tr::kXShared ? 1 : Tr::kUnroll][4];
-    int x_at[Tr::kXShared ? Tr::kUnroll : 1];  // x element offset of load u; -1: past K (x reads as zero)
+    uint4 x[Tr::kTokenTiles][Tr::kUnroll][4];
 };
 
 // Where load u of a step starting at k0 reads. CHECK: the step may run past K (the last, partial one); K
@@ -180,20 +175,7 @@ struct Cta {
     const T* scale[Tr::kRowTiles][2];      // the same rows' groups
     int64_t zero_delta;                    // zeros - scales in elements (symmetric: 0, replaced by 8 after the load)
     const T* x[Tr::kTokenTiles];           // this lane's x token (g, g + 8) at its 32-k offset
-    uint32_t x_shared[Tr::kTokenTiles];    // the same in shared memory (kXShared)
     float acc[Tr::kRowTiles][Tr::kTokenTiles][4];
-
-    __device__ __forceinline__ uint4 x_word(const Stage<Tr>& st, int t, int u, int word) const {
-        if constexpr (Tr::kXShared) {
-            if (st.x_at[u] < 0) return make_uint4(0, 0, 0, 0);  // its W products vanish
-            uint4 v;
-            asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                         : "r"(x_shared[t] + 2 * (st.x_at[u] + 8 * word)));
-            return v;
-        } else {
-            return st.x[t][u][word];
-        }
-    }
 
     __device__ __forceinline__ void load(int u, const Chunk& c, Stage<Tr>& st) const {
 #pragma unroll
@@ -204,10 +186,6 @@ struct Cta {
                 st.scale[j][h][u] = load_u16(scale[j][h] + c.group);
                 st.zero[j][h][u] = load_u16(scale[j][h] + zero_delta + c.group);
             }
-        if constexpr (Tr::kXShared) {
-            st.x_at[u] = c.in ? static_cast<int>(c.x_at) : -1;
-            return;
-        }
 #pragma unroll
         for (int t = 0; t < Tr::kTokenTiles; ++t)
 #pragma unroll
@@ -244,7 +222,7 @@ struct Cta {
                     const uint32_t a_lo[4] = {lo[0], hi[0], lo[1], hi[1]}, a_hi[4] = {lo[2], hi[2], lo[3], hi[3]};
 #pragma unroll
                     for (int t = 0; t < Tr::kTokenTiles; ++t) {
-                        const uint4 xw = x_word(st, t, u, word);  // token g, the same 8 k
+                        const uint4& xw = st.x[t][u][word];  // token g, the same 8 k
                         attn::MmaOp<T>::run(part[t][0], a_lo, xw.x, xw.y);
                         attn::MmaOp<T>::run(part[t][1], a_hi, xw.z, xw.w);
                     }
@@ -295,19 +273,6 @@ __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
     }
     attn::zero_fragments(cta.acc);
     pdl::enter();
-    if constexpr (Tr::kXShared) {
-        // x rows 0 .. M - 1 -> shared [M][K]; lanes of tokens past M read token 0 (never stored)
-        extern __shared__ __align__(16) uint4 x_rows[];
-        const int64_t row_chunks = p.k / 8;
-        for (int64_t i = threadIdx.x; i < p.m * row_chunks; i += Tr::kThreads)
-            x_rows[i] = load_x(static_cast<const T*>(p.x) + (i / row_chunks) * p.x_stride + 8 * (i % row_chunks));
-#pragma unroll
-        for (int t = 0; t < Tr::kTokenTiles; ++t) {
-            const int token = g + 8 * t;
-            cta.x_shared[t] = attn::smem_address(x_rows) + 2 * ((token < p.m ? token : 0) * p.k + Tr::kLoadK * quad);
-        }
-        __syncthreads();
-    }
 
     // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
     const int steps = static_cast<int>((p.k + Tr::kStepK - 1) / Tr::kStepK);
@@ -351,22 +316,9 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
 #define FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U, B)                              \
     extern "C" __global__ void __launch_bounds__(32 * W, B)                                                   \
         gemv_w4_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U##_b##B(const __grid_constant__ GemvW4Params p) {     \
-        fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU, false>>(p);       \
-    }
-// The same with x in shared memory (M x K x 2 bytes of dynamic shared memory; names end in _xs).
-#define FUSEDOPS_GEMV_W4_XS_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, W, U, B)                                        \
-    extern "C" __global__ void __launch_bounds__(32 * W, B)                                                   \
-        gemv_w4_##KIND##_##SUFFIX##_m8_w##W##_u##U##_b##B##_xs(const __grid_constant__ GemvW4Params p) {      \
-        fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, 1, W, U, IS_SWIGLU, true>>(p);            \
+        fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU>>(p);              \
     }
 #define FUSEDOPS_GEMV_W4_DTYPE(T, SUFFIX)                                                                     \
-    FUSEDOPS_GEMV_W4_XS_KERNEL(T, SUFFIX, linear, false, 16, 1, 2)                                            \
-    FUSEDOPS_GEMV_W4_XS_KERNEL(T, SUFFIX, linear, false, 8, 4, 2)                                             \
-    FUSEDOPS_GEMV_W4_XS_KERNEL(T, SUFFIX, linear, false, 4, 4, 4)                                             \
-    FUSEDOPS_GEMV_W4_XS_KERNEL(T, SUFFIX, linear, false, 8, 2, 2)                                             \
-    FUSEDOPS_GEMV_W4_XS_KERNEL(T, SUFFIX, swiglu, true, 4, 2, 4)                                              \
-    FUSEDOPS_GEMV_W4_XS_KERNEL(T, SUFFIX, swiglu, true, 8, 2, 2)                                              \
-    FUSEDOPS_GEMV_W4_XS_KERNEL(T, SUFFIX, swiglu, true, 4, 4, 3)                                              \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4)                                      \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2)                                      \
     FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2)                                     \

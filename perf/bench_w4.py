@@ -103,13 +103,10 @@ def kernels(copy_gbs: float) -> tuple[list[dict], list[dict]]:
             out = torch.empty(m, n_out, device="cuda", dtype=torch.bfloat16)
             tile = gemm_w4.token_tile(m)
             default = gemm_w4.default_tuning(kind, tile, -(-n_out // gemm_w4.ROWS_PER_CTA),
-                                             torch.cuda.get_device_properties(0).multi_processor_count, m, k)
+                                             torch.cuda.get_device_properties(0).multi_processor_count)
             for tuning in gemm_w4.TUNINGS[kind, tile]:
-                if not gemm_w4.fits(tuning, m, k):
-                    continue
                 t = time_cycled(lambda qc: tuned_call(op, x, qc, res, out, tuning), q_copies)
-                label = "%d x %d, %d" % tuning[:3] + (", x shared" if gemm_w4.x_shared(tuning) else "")
-                sweep.append({"GEMM": name, "M": m, "tuning": tuning, "warps x loads, min CTAs": label,
+                sweep.append({"GEMM": name, "M": m, "warps x loads, min CTAs": "%d x %d, %d" % tuning,
                               "default": "yes" if tuning == default else "", "µs": t,
                               "% copy": 100 * moved / t / 1e3 / copy_gbs})
         del q_copies, w_copies, w
@@ -134,25 +131,7 @@ def prefill_route() -> list[dict]:
 
 VARIANTS = {"bf16": ("fusedops bf16", {}), "int4": ("fusedops int4", {"weights": "int4"}),
             "int4_lm_head": ("fusedops int4 + int4 lm_head", {"weights": "int4", "int4_lm_head": True}),
-            "int4_xs": ("fusedops int4, x in shared memory (this run's fastest such tunings at M = 1)",
-                        {"weights": "int4"}),
             "round_trip": ("fusedops bf16, weights = int4 round trip (lm_head bf16)", {})}
-# The x-in-shared-memory tunings the int4_xs variant uses: the sweep's fastest at M = 1 when it ran
-# (q/k/v: the wide linear grid; o_proj + down: the narrow one; gate/up: SwiGLU), else these.
-XS_CHOICE = {("linear", True): (4, 4, 4, True), ("linear", False): (16, 1, 2, True), ("swiglu", False): (4, 2, 4, True)}
-
-
-def pick_x_shared(sweep: list[dict]) -> None:
-    """XS_CHOICE from the sweep: per shape class the x-in-shared-memory tuning with the least M = 1 time."""
-    classes = {("linear", True): ("q/k/v",), ("linear", False): ("o_proj", "down"), ("swiglu", False): ("gate/up",)}
-    for key, shapes in classes.items():
-        times: dict[tuple, float] = {}
-        for r in sweep:
-            if r["M"] == 1 and r["GEMM"] in shapes and gemm_w4.x_shared(r["tuning"]):
-                times[r["tuning"]] = times.get(r["tuning"], 0.0) + r["µs"]
-        if times:
-            XS_CHOICE[key] = min(times, key=times.get)
-    print(f"x-in-shared-memory tunings for int4_xs: {XS_CHOICE}", flush=True)
 
 
 def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
@@ -176,7 +155,6 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
         if label == VARIANTS["round_trip"][0]:  # same weights as "fusedops int4": the kernels' own error
             dequantize_linears(model)
             ref["logits"], ref["argmax"] = ref["int4"], ref["int4"][:-1].argmax(-1)
-        gemm_w4.X_SHARED_TUNING = dict(XS_CHOICE) if label == VARIANTS["int4_xs"][0] else {}
         fn = torch.compile(model, backend="fusedops", options={"clone_outputs": False, **options})
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -257,7 +235,6 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     if args.part in ("kernels", "all"):
         rows, sweep = kernels(copy_gbs)
-        pick_x_shared(sweep)
         table(sweep, "int4 GEMV tunings (kernel alone, graph replay)", "bench_w4_tunings.md")
         table(rows, f"int4 ops vs bf16 cuBLAS and the bf16 GEMV (graph replay, copy {copy_gbs:.0f} GB/s)",
               "bench_w4_kernels.md")

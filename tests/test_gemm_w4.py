@@ -119,10 +119,6 @@ def test_kernel_names_route_token_tiles_and_tunings():
     assert gemm_w4.kernel_name("linear", torch.bfloat16, 9, (4, 2, 4)) == "gemv_w4_linear_bf16_m16_w4_u2_b4"
     with pytest.raises(ValueError, match="^tuning:"):
         gemm_w4.kernel_name("linear", torch.bfloat16, 16, (8, 1, 4))  # compiled for m8 only
-    assert gemm_w4.kernel_name("linear", torch.bfloat16, 1, (16, 1, 2, True)) == "gemv_w4_linear_bf16_m8_w16_u1_b2_xs"
-    # x in shared memory: M x K x 2 bytes must fit, token tile 8 only
-    assert gemm_w4.fits((16, 1, 2, True), 1, 14336) and not gemm_w4.fits((16, 1, 2, True), 4, 14336)
-    assert gemm_w4.fits((16, 1, 2), 16, 1 << 20) and not gemm_w4.fits((4, 2, 4, True), 9, 128)
 
 
 def test_groups_below_128_take_the_dequantize_route():
@@ -183,8 +179,6 @@ def check_case(op, m, n, k, dtype, symmetric, seed, group=128, x_pad=0):
         return
     # every compiled tuning, into NaN-poisoned memory (catches unwritten outputs)
     for tuning in gemm_w4.TUNINGS[gemm_w4.KINDS[op], gemm_w4.token_tile(m)]:
-        if not gemm_w4.fits(tuning, m, k):
-            continue
         out2 = poison_(torch.empty_like(out))
         gemm_w4.launch_gemv(op, x, q.qweight, q.scales, q.zeros, q.group, out2,
                             res if op == "linear_residual" else None, tuning)

@@ -34,18 +34,12 @@ MAX_GEMV_TOKENS = 16                # two 8-token mma tiles (the gemv_w4_*_m16 k
 ROWS_PER_CTA = 16                   # outputs a CTA owns (SwiGLU: their 16 gate + 16 up rows)
 # (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap) compiled per
 # (kind, token tile) in csrc/gemv_w4.cu; default_tuning picks one.
-# A fourth element True: x staged in shared memory once per CTA (kernels ..._xs, token tile 8 only, while
-# M x K x 2 bytes <= X_SHARED_MAX_BYTES): a step loads only W, so more W fits in registers.
 TUNINGS = {
-    ("linear", 8): ((8, 1, 4), (8, 2, 2), (16, 1, 2), (4, 4, 3),
-                    (16, 1, 2, True), (8, 4, 2, True), (4, 4, 4, True), (8, 2, 2, True)),
+    ("linear", 8): ((8, 1, 4), (8, 2, 2), (16, 1, 2), (4, 4, 3)),
     ("linear", 16): ((8, 1, 3), (16, 1, 1), (4, 2, 4)),
-    ("swiglu", 8): ((8, 1, 3), (4, 1, 4), (4, 2, 3), (16, 1, 1), (4, 2, 4, True), (8, 2, 2, True), (4, 4, 3, True)),
+    ("swiglu", 8): ((8, 1, 3), (4, 1, 4), (4, 2, 3), (16, 1, 1)),
     ("swiglu", 16): ((8, 1, 2), (4, 2, 2), (16, 1, 1)),
 }
-X_SHARED_MAX_BYTES = 32 * 1024
-# The x-in-shared-memory default per (kind, wide linear grid), used where it fits: NOT YET MEASURED, none.
-X_SHARED_TUNING: dict[tuple[str, bool], tuple] = {}
 # H200 graph replay on the Llama-3-8B shapes (perf/notes/int4.md, run 6, 2026-12-03; the H100's run 3 picked
 # the same shapes' winners within 10 %): a linear whose grid fits 2 CTAs an SM streams fastest with 16 warps
 # x 1 load (M = 1: o_proj 5.0 us vs 5.3 for 8 x 2, down 11.6 vs 13.0), a wider grid (q/k/v, 384 CTAs) at
@@ -153,21 +147,10 @@ def token_tile(m: int) -> int:
     return 8 if m <= 8 else 16
 
 
-def x_shared(tuning: tuple) -> bool:
-    return len(tuning) > 3 and bool(tuning[3])
-
-
-def fits(tuning: tuple, m: int, k: int) -> bool:
-    """Whether a tuning can run M tokens of K: x in shared memory needs M x K x 2 bytes of it."""
-    return not x_shared(tuning) or (m <= 8 and m * k * 2 <= X_SHARED_MAX_BYTES)
-
-
-def default_tuning(kind: str, tile: int, ctas: int, sms: int, m: int = 1, k: int = 0) -> tuple:
-    wide = kind == "linear" and ctas > 2 * sms
-    shared = X_SHARED_TUNING.get((kind, wide))
-    if shared is not None and tile == 8 and fits(shared, m, k):
-        return shared
-    return WIDE_LINEAR_TUNING[tile] if wide else TUNING[kind, tile]
+def default_tuning(kind: str, tile: int, ctas: int, sms: int) -> tuple[int, int, int]:
+    if kind == "linear" and ctas > 2 * sms:
+        return WIDE_LINEAR_TUNING[tile]
+    return TUNING[kind, tile]
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,13 +158,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple] = None) -> str:
+def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int, int]] = None) -> str:
     tile = token_tile(m)
     tuning = tuning or TUNING[kind, tile]
     if tuning not in TUNINGS[kind, tile]:
         raise ValueError(f"tuning: {tuning} is not compiled for {kind} m{tile} (one of {TUNINGS[kind, tile]})")
-    warps, unroll, blocks = tuning[:3]
-    return f"gemv_w4_{kind}_{DTYPE_SUFFIX[dtype]}_m{tile}_w{warps}_u{unroll}_b{blocks}" + ("_xs" if x_shared(tuning) else "")
+    warps, unroll, blocks = tuning
+    return f"gemv_w4_{kind}_{DTYPE_SUFFIX[dtype]}_m{tile}_w{warps}_u{unroll}_b{blocks}"
 
 
 def _packed(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -205,11 +188,9 @@ def launch_gemv(epilogue: str, x2, qweight, scales, zeros, group, out2, residual
                           residual2.stride(0) if residual2 is not None else 0, group.bit_length() - 1)
     ctas = -(-(n // 2 if kind == "swiglu" else n) // ROWS_PER_CTA)
     device = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    tuning = tuning or default_tuning(kind, token_tile(m), ctas, _sm_count(device), m, k)
-    if not fits(tuning, m, k):
-        raise ValueError(f"tuning: {tuning} stages x in shared memory, which {m} x {k} does not fit")
+    tuning = tuning or default_tuning(kind, token_tile(m), ctas, _sm_count(device))
     kernel(SOURCE, kernel_name(kind, x2.dtype, m, tuning), GemvW4Params, x2.device).launch(
-        (ctas,), (32 * tuning[0],), params, smem=m * k * 2 if x_shared(tuning) else 0)
+        (ctas,), (32 * tuning[0],), params)
 
 
 def dequantize_cuda(qweight, scales, zeros, group, dtype) -> torch.Tensor:
