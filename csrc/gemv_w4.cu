@@ -13,8 +13,8 @@
 // (1024 + q); sub.bf16x2 by (magic + z) gives the exact integer q - z, which the mma multiplies by x. The
 // scale is applied after the mma, in fp32: the 32 k of a lane's load, and so the 128 k a quad feeds one mma,
 // share one group (group >= 128), so each 16-row x 8-token product of a load is scaled by its rows' s once.
-// 11 ALU instructions per 8 weights (the scale multiply was 4 more: the kernel is bound by instruction
-// issue at H200 bandwidth); the tensor cores do every multiply-add, so M = 16 costs about M = 1.
+// 11 ALU instructions per 8 weights, 4 fewer than scaling W in bf16 (H200: 2-3 % faster; the kernel is
+// latency-bound, not issue-bound, perf/notes/int4.md); the tensor cores do every multiply-add.
 //
 // A CTA owns 16 outputs (SwiGLU: their 16 gate and 16 up rows); its warps split K round-robin in steps of
 // kStepK and add their fragments through shared memory once, where the epilogue runs in fp32 and rounds

@@ -40,9 +40,9 @@ TUNINGS = {
     ("swiglu", 8): ((8, 1, 3), (4, 1, 4), (4, 2, 3), (16, 1, 1)),
     ("swiglu", 16): ((8, 1, 2), (4, 2, 2), (16, 1, 1)),
 }
-# H200 graph replay on the Llama-3-8B shapes (perf/notes/int4.md, run 6, 2026-12-03; the H100's run 3 picked
-# the same shapes' winners within 10 %): a linear whose grid fits 2 CTAs an SM streams fastest with 16 warps
-# x 1 load (M = 1: o_proj 5.0 us vs 5.3 for 8 x 2, down 11.6 vs 13.0), a wider grid (q/k/v, 384 CTAs) at
+# H200 graph replay on the Llama-3-8B shapes (perf/notes/int4.md, runs 7-8, 2026-12-03): a linear whose grid
+# fits 2 CTAs an SM streams fastest with 16 warps x 1 load (M = 1: o_proj 5.0 us vs 5.3 for 8 x 2, the
+# H100's choice in run 3; down 11.6 vs 12.9), a wider grid (q/k/v, 384 CTAs) at
 # 4 x 4, 3 CTAs an SM in one wave (6.4 vs 7.3-8.4). At M = 16 the narrow grids take 4 x 2 (o 9.4 vs 11.4,
 # down 25.2 vs 32.0), q/k/v 8 x 1 (11.3 vs 14.6). SwiGLU: 4 x 2 at 3 CTAs an SM (22.7 us, 8 x 1 22.8) and
 # 8 x 1 at M = 16 (35.7 vs 38.6).
