@@ -29,6 +29,7 @@ struct GemvParams {
     int64_t residual_row_stride;
     int64_t out_row_stride;
     int64_t block;         // SwiGLU: W interleaves gate and up rows in blocks of this many (multiple of 16)
+    int64_t prefetch;      // 1: pull each warp's first W step toward L2 before the wait (A/B switch)
 };
 
 namespace fusedops {
@@ -136,7 +137,7 @@ __device__ __forceinline__ void gemv_cta(const GemvParams& p) {
     // W does not depend on the kernel before this one: start pulling this warp's first step toward L2
     // while that kernel finishes (programmatic dependent launch, common/pdl.cuh), then wait for x.
     const int64_t full_steps = p.k / Tr::kStepK;
-    if (warp < full_steps) {
+    if (p.prefetch && warp < full_steps) {
 #pragma unroll
         for (int u = 0; u < Tr::kUnroll; ++u)
 #pragma unroll

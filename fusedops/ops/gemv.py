@@ -58,7 +58,12 @@ class GemvParams(ctypes.Structure):
                 ("m", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("x_row_stride", ctypes.c_int64), ("w_row_stride", ctypes.c_int64),
                 ("residual_row_stride", ctypes.c_int64), ("out_row_stride", ctypes.c_int64),
-                ("block", ctypes.c_int64)]
+                ("block", ctypes.c_int64), ("prefetch", ctypes.c_int64)]
+
+
+# Each warp pulls its first step of W toward L2 before it waits for the kernel ahead (csrc/gemv.cu); a
+# launch parameter so that one process can measure both (the int4 GEMV's bulk prefetch lost 60 %).
+PREFETCH = 1
 
 
 def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int]] = None) -> str:
@@ -128,7 +133,7 @@ def _launch(kind: str, x, weight, out, n: int, bias=None, residual=None, block: 
                         bias.data_ptr() if bias is not None else None,
                         residual.data_ptr() if residual is not None else None,
                         m, n, k, x.stride(0), weight.stride(0),
-                        residual.stride(0) if residual is not None else 0, out.stride(0), block)
+                        residual.stride(0) if residual is not None else 0, out.stride(0), block, PREFETCH)
     tuning = tuning or default_tuning(kind, m, x.device)
     name = kernel_name(kind, x.dtype, m, tuning)
     warps = tuning[0]
