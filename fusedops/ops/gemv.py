@@ -61,9 +61,10 @@ class GemvParams(ctypes.Structure):
                 ("block", ctypes.c_int64), ("prefetch", ctypes.c_int64)]
 
 
-# Each warp pulls its first step of W toward L2 before it waits for the kernel ahead (csrc/gemv.cu); a
-# launch parameter so that one process can measure both (the int4 GEMV's bulk prefetch lost 60 %).
-PREFETCH = 1
+# 1: each warp pulls its first step of W toward L2 before it waits for the kernel ahead (csrc/gemv.cu). Off:
+# the 32-layer bf16 decode step took 4.529 ms without it and 4.638 ms with it (H200, same process, 2026-12-03,
+# perf/notes/gemv.md). A launch parameter so one process can measure both.
+PREFETCH = 0
 
 
 def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int]] = None) -> str:
