@@ -91,9 +91,15 @@ struct GroupPair {
     uint32_t scale, bias;
 };
 
+// magic + z in both halves: exact (magic + an integer <= 15); subtracting it from lop3's (magic + q) gives q - z.
+template <typename T>
+__device__ __forceinline__ uint32_t zero_bias(uint16_t zero) {
+    return add2<T>(splat(zero), Int4Magic<T>::kPair);
+}
+
 template <typename T>
 __device__ __forceinline__ GroupPair group_pair(uint16_t scale, uint16_t zero) {
-    return {splat(scale), add2<T>(splat(zero), Int4Magic<T>::kPair)};  // exact: magic + an integer <= 15
+    return {splat(scale), zero_bias<T>(zero)};
 }
 
 // The 4 pairs (k 0-1, 2-3, 4-5, 6-7) of one word as T pairs ((q - z) * s, rounded once): the dequantize
@@ -205,12 +211,11 @@ struct Cta {
         for (int u = 0; u < Tr::kUnroll; ++u)
 #pragma unroll
             for (int j = 0; j < Tr::kRowTiles; ++j) {
-                uint32_t bias[2];  // magic + z in both halves: exact
+                uint32_t bias[2];
                 float s[2];
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const uint16_t z = symmetric ? Int4Magic<T>::kEight : st.zero[j][h][u];
-                    bias[h] = add2<T>(splat(z), Int4Magic<T>::kPair);
+                    bias[h] = zero_bias<T>(symmetric ? Int4Magic<T>::kEight : st.zero[j][h][u]);
                     s[h] = half_to_float<T>(st.scale[j][h][u]);
                 }
                 float part[Tr::kTokenTiles][2][4] = {};

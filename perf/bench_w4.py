@@ -27,6 +27,7 @@ TOKENS = (1, 4, 8, 16)
 CYCLE_BYTES = 256 << 20      # weight copies per timing loop: > 5x the 50 MB L2, so every call reads HBM
 CONTEXT = 512                # tokens before decode (ANCHORS.md's setup), StaticCache of CACHE_LEN
 CACHE_LEN = 1024
+PREFETCH_SHIPPED = gemv.PREFETCH
 
 
 def copies_for(nbytes: int) -> int:
@@ -140,7 +141,8 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
         names: tuple[str, ...] = tuple(VARIANTS)) -> list[dict]:
     """names: VARIANTS keys, bf16 first (the reference); round_trip (bf16 kernels on the int4 round-trip
     weights, compared with int4's logits: the int4 kernels' own error) last and after int4."""
-    from fusedops.perf.measure import CachePool, StepClock, forward, parity_logits, random_tokens
+    from fusedops.perf.measure import (CachePool, StepClock, forward, greedy_steps, parity_logits, prefill_context,
+                                        random_tokens)
     from fusedops.perf.models import cast_parameters, describe, preset_config, random_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run of the code
@@ -157,7 +159,7 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
         if label == VARIANTS["round_trip"][0]:  # same weights as "fusedops int4": the kernels' own error
             dequantize_linears(model)
             ref["logits"], ref["argmax"] = ref["int4"], ref["int4"][:-1].argmax(-1)
-        gemv.PREFETCH = 1 if label == VARIANTS["bf16_prefetch"][0] else 0  # captured per launch
+        gemv.PREFETCH = 1 if label == VARIANTS["bf16_prefetch"][0] else PREFETCH_SHIPPED  # captured per launch
         fn = torch.compile(model, backend="fusedops", options={"clone_outputs": False, **options})
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -180,16 +182,10 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
             agree = (logits[:-1].argmax(-1) == ref["argmax"]).double().mean().item()
             # decode speed: eager prefill of CONTEXT tokens, then graph-replayed steps
             cache = pool.get(model, 1, CACHE_LEN)
-            ids = forward(model, context, cache, torch.arange(CONTEXT, device=device)).argmax(-1, keepdim=True)
-            pos = torch.tensor([CONTEXT], device=device)
-            for _ in range(3):
-                torch.compiler.cudagraph_mark_step_begin()
-                ids, pos = forward(fn, ids, cache, pos).argmax(-1, keepdim=True), pos + 1
+            ids, pos = prefill_context(model, context, cache)
+            ids, pos = greedy_steps(fn, ids, cache, pos, 3)
             clock = StepClock(device)
-            for _ in range(steps):
-                torch.compiler.cudagraph_mark_step_begin()
-                ids, pos = forward(fn, ids, cache, pos).argmax(-1, keepdim=True), pos + 1
-                clock.tick()
+            greedy_steps(fn, ids, cache, pos, steps, clock)
         step_ms = sum(clock.intervals_ms()) / steps
         results.append(dict(label=label, step_ms=step_ms, rel=rel, agree=agree, compile_s=compile_s,
                             weight_bytes=streamed_bytes(model, facts, options)))

@@ -28,7 +28,7 @@ def short(name: str) -> str:
 
 
 def profile(variant: str, layers: int, steps: int) -> tuple[list[dict], float]:
-    from fusedops.perf.measure import CachePool, StepClock, forward, random_tokens
+    from fusedops.perf.measure import CachePool, StepClock, greedy_steps, prefill_context, random_tokens
     from fusedops.perf.models import cast_parameters, preset_config, random_model
 
     device = torch.device("cuda")
@@ -41,23 +41,15 @@ def profile(variant: str, layers: int, steps: int) -> tuple[list[dict], float]:
     cache = pool.get(model, 1, CACHE_LEN)
     context = random_tokens((1, CONTEXT), model.config.vocab_size, device, 2)
     with torch.no_grad():
-        ids = forward(model, context, cache, torch.arange(CONTEXT, device=device)).argmax(-1, keepdim=True)
-        pos = torch.tensor([CONTEXT], device=device)
-        for _ in range(4):  # compile, capture, warm
-            torch.compiler.cudagraph_mark_step_begin()
-            ids, pos = forward(fn, ids, cache, pos).argmax(-1, keepdim=True), pos + 1
+        ids, pos = prefill_context(model, context, cache)
+        ids, pos = greedy_steps(fn, ids, cache, pos, 4)  # compile, capture, warm
         clock = StepClock(device)
-        for _ in range(steps):
-            torch.compiler.cudagraph_mark_step_begin()
-            ids, pos = forward(fn, ids, cache, pos).argmax(-1, keepdim=True), pos + 1
-            clock.tick()
+        ids, pos = greedy_steps(fn, ids, cache, pos, steps, clock)
         step_ms = sum(clock.intervals_ms()) / steps
         torch.cuda.synchronize()
         acts = [torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(steps):
-                torch.compiler.cudagraph_mark_step_begin()
-                ids, pos = forward(fn, ids, cache, pos).argmax(-1, keepdim=True), pos + 1
+            greedy_steps(fn, ids, cache, pos, steps)
             torch.cuda.synchronize()
     total, count = collections.defaultdict(float), collections.Counter()
     for ev in prof.events():

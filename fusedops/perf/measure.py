@@ -207,6 +207,24 @@ def parity_gate(eager: BackendResult | None) -> float | None:
 
 # ---- speed ----------------------------------------------------------------------------------------
 
+def prefill_context(model, context: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager prefill of `context` [batch, n] into `cache`: the greedy next ids and the next position."""
+    n = context.shape[1]
+    ids = forward(model, context, cache, torch.arange(n, device=context.device)).argmax(-1, keepdim=True)
+    return ids, torch.tensor([n], device=context.device)
+
+
+def greedy_steps(fn, ids, cache, pos, steps: int, clock: "StepClock | None" = None):
+    """`steps` greedy decode steps of fn from (ids, pos), each a new CUDA-graph step (clock ticked after each);
+    returns the next (ids, pos)."""
+    for _ in range(steps):
+        torch.compiler.cudagraph_mark_step_begin()
+        ids, pos = forward(fn, ids, cache, pos).argmax(-1, keepdim=True), pos + 1
+        if clock is not None:
+            clock.tick()
+    return ids, pos
+
+
 def decode_speed(runner: Runner, model, pool, batch: int, steps: int, facts: dict, bandwidth_gbs: float,
                  seed: int) -> dict:
     """Greedy decode at `batch` sequences after a DECODE_CONTEXT-token eager prefill; per-step times
@@ -215,8 +233,7 @@ def decode_speed(runner: Runner, model, pool, batch: int, steps: int, facts: dic
     device = next(model.parameters()).device
     cache = pool.get(model, batch, CACHE_LEN)
     context = random_tokens((batch, DECODE_CONTEXT), model.config.vocab_size, device, seed + batch)
-    ids = forward(runner.eager, context, cache, torch.arange(DECODE_CONTEXT, device=device)).argmax(-1, True)
-    pos = torch.tensor([DECODE_CONTEXT], device=device)
+    ids, pos = prefill_context(runner.eager, context, cache)
     first_s = None
     for _ in range(DECODE_WARMUP):
         torch.compiler.cudagraph_mark_step_begin()
@@ -224,11 +241,7 @@ def decode_speed(runner: Runner, model, pool, batch: int, steps: int, facts: dic
         first_s = dt if first_s is None else first_s
         ids, pos = logits.argmax(-1, keepdim=True), pos + 1
     clock = StepClock(device)
-    for _ in range(steps):
-        torch.compiler.cudagraph_mark_step_begin()
-        ids = forward(runner.fn, ids, cache, pos).argmax(-1, keepdim=True)
-        pos = pos + 1
-        clock.tick()
+    greedy_steps(runner.fn, ids, cache, pos, steps, clock)
     step_ms = clock.intervals_ms()
     mean_ms = sum(step_ms) / steps
     context = DECODE_CONTEXT + DECODE_WARMUP + steps / 2
