@@ -73,8 +73,9 @@ def time_cycled(make, copies, per_copy_calls=4):
     return time_graph(fn, calls=calls * per_copy_calls)
 
 
-def kernels(copy_gbs: float) -> tuple[list[dict], list[dict]]:
-    rows, sweep = [], []
+def kernels(copy_gbs: float) -> tuple[list[dict], list[dict], dict]:
+    """Per-GEMM rows, the tuning sweep, and {(GEMM, M, tuning): µs} for swept_tunings."""
+    rows, sweep, times = [], [], {}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, n, k, op in SHAPES:
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
@@ -107,12 +108,29 @@ def kernels(copy_gbs: float) -> tuple[list[dict], list[dict]]:
                                              torch.cuda.get_device_properties(0).multi_processor_count)
             for tuning in gemm_w4.TUNINGS[kind, tile]:
                 t = time_cycled(lambda qc: tuned_call(op, x, qc, res, out, tuning), q_copies)
-                sweep.append({"GEMM": name, "M": m, "warps x loads, min CTAs": "%d x %d, %d" % tuning,
+                times[name, m, tuning] = t
+                sweep.append({"GEMM": name, "M": m, "warps x loads, min CTAs, stages": "%d x %d, %d, s%d" % tuning,
                               "default": "yes" if tuning == default else "", "µs": t,
                               "% copy": 100 * moved / t / 1e3 / copy_gbs})
         del q_copies, w_copies, w
         torch.cuda.empty_cache()
-    return rows, sweep
+    return rows, sweep, times
+
+
+def swept_tunings(times: dict) -> tuple[dict, dict]:
+    """gemm_w4.TUNING / WIDE_LINEAR_TUNING from this run's sweep: per token tile (timed at M = 1 and 16), the
+    fastest tuning of q/k/v (the wide linear grid), of o_proj + down_proj together (the narrow one) and of
+    gate/up; keys the sweep did not time keep their shipped value."""
+    tuning, wide = dict(gemm_w4.TUNING), dict(gemm_w4.WIDE_LINEAR_TUNING)
+    for tile, m in ((8, 1), (16, 16)):
+        if m not in TOKENS:
+            continue
+        fastest = lambda names, kind: min(gemm_w4.TUNINGS[kind, tile],
+                                          key=lambda t: sum(times[n, m, t] for n in names))
+        wide[tile] = fastest(("q/k/v",), "linear")
+        tuning["linear", tile] = fastest(("o_proj", "down"), "linear")
+        tuning["swiglu", tile] = fastest(("gate/up",), "swiglu")
+    return tuning, wide
 
 
 def prefill_route() -> list[dict]:
@@ -134,13 +152,16 @@ VARIANTS = {"bf16": ("fusedops bf16", {}),
             "bf16_prefetch": ("fusedops bf16, GEMV with its L2 prefetch before the wait", {}),
             "int4": ("fusedops int4", {"weights": "int4"}),
             "int4_lm_head": ("fusedops int4 + int4 lm_head", {"weights": "int4", "int4_lm_head": True}),
+            "int4_swept": ("fusedops int4, GEMV tunings from this run's sweep", {"weights": "int4"}),
             "round_trip": ("fusedops bf16, weights = int4 round trip (lm_head bf16)", {})}
+SHIPPED_TUNINGS = (dict(gemm_w4.TUNING), dict(gemm_w4.WIDE_LINEAR_TUNING))
 
 
 def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
-        names: tuple[str, ...] = tuple(VARIANTS)) -> list[dict]:
+        names: tuple[str, ...] = tuple(VARIANTS), swept: tuple[dict, dict] = SHIPPED_TUNINGS) -> list[dict]:
     """names: VARIANTS keys, bf16 first (the reference); round_trip (bf16 kernels on the int4 round-trip
-    weights, compared with int4's logits: the int4 kernels' own error) last and after int4."""
+    weights, compared with int4's logits: the int4 kernels' own error) last and after int4. swept: the
+    (TUNING, WIDE_LINEAR_TUNING) int4_swept runs with (swept_tunings)."""
     from fusedops.perf.measure import (CachePool, StepClock, forward, greedy_steps, parity_logits, prefill_context,
                                         random_tokens)
     from fusedops.perf.models import cast_parameters, describe, preset_config, random_model
@@ -160,6 +181,8 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
             dequantize_linears(model)
             ref["logits"], ref["argmax"] = ref["int4"], ref["int4"][:-1].argmax(-1)
         gemv.PREFETCH = 1 if label == VARIANTS["bf16_prefetch"][0] else PREFETCH_SHIPPED  # captured per launch
+        gemm_w4.TUNING, gemm_w4.WIDE_LINEAR_TUNING = (dict(t) for t in (
+            swept if label == VARIANTS["int4_swept"][0] else SHIPPED_TUNINGS))
         fn = torch.compile(model, backend="fusedops", options={"clone_outputs": False, **options})
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -191,6 +214,7 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
                             weight_bytes=streamed_bytes(model, facts, options)))
         print(f"{label}: {step_ms:.3f} ms a step, logits rel err {rel:.3e}, agree {100 * agree:.1f} %, "
               f"compile + parity {compile_s:.1f} s", flush=True)
+    gemm_w4.TUNING, gemm_w4.WIDE_LINEAR_TUNING = (dict(t) for t in SHIPPED_TUNINGS)
     kv = 2 * facts["layers"] * facts["kv_heads"] * (CONTEXT + steps / 2) * facts["head_dim"] * 2
     base = results[0]["step_ms"]
     return [{"decode b=1 (%d layers)" % layers: r["label"], "step ms": r["step_ms"], "tok/s": 1e3 / r["step_ms"],
@@ -232,14 +256,17 @@ def main() -> None:
     args = parser.parse_args()
     copy_gbs = copy_bandwidth_gbs()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    swept = SHIPPED_TUNINGS
     if args.part in ("kernels", "all"):
-        rows, sweep = kernels(copy_gbs)
+        rows, sweep, times = kernels(copy_gbs)
+        swept = swept_tunings(times)
+        print(f"swept tunings: {swept}", flush=True)
         table(sweep, "int4 GEMV tunings (kernel alone, graph replay)", "bench_w4_tunings.md")
         table(rows, f"int4 ops vs bf16 cuBLAS and the bf16 GEMV (graph replay, copy {copy_gbs:.0f} GB/s)",
               "bench_w4_kernels.md")
         table(prefill_route(), "int4 above the GEMV range: dequantize + cuBLAS", "bench_w4_prefill.md")
     if args.part in ("e2e", "all"):
-        rows = e2e(args.layers, args.steps, copy_gbs, args.preset, tuple(args.variants.split(",")))
+        rows = e2e(args.layers, args.steps, copy_gbs, args.preset, tuple(args.variants.split(",")), swept)
         table(rows, f"{args.preset} shape decode, batch 1 (copy {copy_gbs:.0f} GB/s)", "bench_w4_e2e.md")
 
 
