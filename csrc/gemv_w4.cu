@@ -134,31 +134,17 @@ __device__ __forceinline__ uint16_t load_u16(const void* ptr) {
     return v;
 }
 
-// The same read issued before pdl::enter() (weights only; see stream_load.cuh's load_weight_early).
-__device__ __forceinline__ uint16_t load_u16_early(const void* ptr) {
-    uint16_t v;
-    asm volatile("// " FUSEDOPS_WEIGHT_BEFORE_WAIT "\n\tld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(ptr));
-    return v;
-}
-
-template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU, int STAGES>
+template <typename T_, int TOKEN_TILES, int WARPS, int UNROLL, bool SWIGLU>
 struct Traits : gemv::CtaShape<T_, TOKEN_TILES, WARPS, UNROLL, SWIGLU> {
     static constexpr int kLoadK = 32;                    // k in one 16-byte load of packed int4
     static constexpr int kStepK = 4 * kLoadK * UNROLL;   // k one warp covers per step: 4 lanes x 32 x unroll
-    static constexpr int kStages = STAGES;               // W steps a warp holds in registers: 1, or 2 (one ahead)
-    static_assert(STAGES == 1 || STAGES == 2, "one W stage, or two");
 };
 
-// What one step loads from HBM: W with its groups' scales and zeros ...
+// What one step loads: W with its groups' scales and zeros, and x at the same k.
 template <class Tr>
-struct WStage {
+struct Stage {
     uint4 w[Tr::kRowTiles][2][Tr::kUnroll];
     uint16_t scale[Tr::kRowTiles][2][Tr::kUnroll], zero[Tr::kRowTiles][2][Tr::kUnroll];
-};
-
-// ... and from L1 / L2: x at the same k.
-template <class Tr>
-struct XStage {
     uint4 x[Tr::kTokenTiles][Tr::kUnroll][4];
 };
 
@@ -197,30 +183,19 @@ struct Cta {
     const T* x[Tr::kTokenTiles];           // this lane's x token (g, g + 8) at its 32-k offset
     float acc[Tr::kRowTiles][Tr::kTokenTiles][4];
 
-    // EARLY: issued before pdl::enter() (load_weight_early; weights only).
-    template <bool EARLY = false>
-    __device__ __forceinline__ void load_w(int u, const Chunk& c, WStage<Tr>& st) const {
+    __device__ __forceinline__ void load(int u, const Chunk& c, Stage<Tr>& st) const {
 #pragma unroll
         for (int j = 0; j < Tr::kRowTiles; ++j)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                if constexpr (EARLY) {
-                    st.w[j][h][u] = load_weight_early(w[j][h] + c.at);
-                    st.scale[j][h][u] = load_u16_early(scale[j][h] + c.group);
-                    st.zero[j][h][u] = load_u16_early(scale[j][h] + zero_delta + c.group);
-                } else {
-                    st.w[j][h][u] = load_weight(w[j][h] + c.at);
-                    st.scale[j][h][u] = load_u16(scale[j][h] + c.group);
-                    st.zero[j][h][u] = load_u16(scale[j][h] + zero_delta + c.group);
-                }
+                st.w[j][h][u] = load_weight(w[j][h] + c.at);
+                st.scale[j][h][u] = load_u16(scale[j][h] + c.group);
+                st.zero[j][h][u] = load_u16(scale[j][h] + zero_delta + c.group);
             }
-    }
-
-    __device__ __forceinline__ void load_x(int u, const Chunk& c, XStage<Tr>& st) const {
 #pragma unroll
         for (int t = 0; t < Tr::kTokenTiles; ++t)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) st.x[t][u][i] = fusedops::load_x(x[t] + c.x_at + 8 * i);
+            for (int i = 0; i < 4; ++i) st.x[t][u][i] = load_x(x[t] + c.x_at + 8 * i);
         if (!c.in) {
 #pragma unroll
             for (int t = 0; t < Tr::kTokenTiles; ++t)
@@ -229,25 +204,9 @@ struct Cta {
         }
     }
 
-    template <bool CHECK, bool EARLY = false>
-    __device__ __forceinline__ void load_w_step(int64_t k0, const GemvW4Params& p, WStage<Tr>& st) const {
-#pragma unroll
-        for (int u = 0; u < Tr::kUnroll; ++u) load_w<EARLY>(u, chunk<Tr, CHECK>(k0, u, p), st);
-    }
-
-    // x of a step whose W is already in flight (or in registers), then its mmas.
-    template <bool CHECK>
-    __device__ __forceinline__ void finish_step(int64_t k0, const GemvW4Params& p, const WStage<Tr>& ws) {
-        XStage<Tr> xs;
-#pragma unroll
-        for (int u = 0; u < Tr::kUnroll; ++u) load_x(u, chunk<Tr, CHECK>(k0, u, p), xs);
-        __syncwarp();
-        compute(ws, xs, p.zeros == nullptr);
-    }
-
     // Per load and row tile: (q - z) . x of the load's 32 k (two mma chains from zero: the k16 halves of a
     // word), then acc += s * that, in fp32; rows g (accumulator elements 0, 1) and g + 8 (2, 3).
-    __device__ __forceinline__ void compute(const WStage<Tr>& st, const XStage<Tr>& xs, bool symmetric) {
+    __device__ __forceinline__ void compute(const Stage<Tr>& st, bool symmetric) {
 #pragma unroll
         for (int u = 0; u < Tr::kUnroll; ++u)
 #pragma unroll
@@ -268,7 +227,7 @@ struct Cta {
                     const uint32_t a_lo[4] = {lo[0], hi[0], lo[1], hi[1]}, a_hi[4] = {lo[2], hi[2], lo[3], hi[3]};
 #pragma unroll
                     for (int t = 0; t < Tr::kTokenTiles; ++t) {
-                        const uint4& xw = xs.x[t][u][word];  // token g, the same 8 k
+                        const uint4& xw = st.x[t][u][word];  // token g, the same 8 k
                         attn::MmaOp<T>::run(part[t][0], a_lo, xw.x, xw.y);
                         attn::MmaOp<T>::run(part[t][1], a_hi, xw.z, xw.w);
                     }
@@ -284,38 +243,11 @@ struct Cta {
     // interleaves them (csrc/gemv.cu).
     template <bool CHECK>
     __device__ __forceinline__ void step(int64_t k0, const GemvW4Params& p) {
-        WStage<Tr> ws;
-        XStage<Tr> xs;
+        Stage<Tr> st;
 #pragma unroll
-        for (int u = 0; u < Tr::kUnroll; ++u) {
-            const Chunk c = chunk<Tr, CHECK>(k0, u, p);
-            load_w(u, c, ws);
-            load_x(u, c, xs);
-        }
+        for (int u = 0; u < Tr::kUnroll; ++u) load(u, chunk<Tr, CHECK>(k0, u, p), st);
         __syncwarp();
-        compute(ws, xs, p.zeros == nullptr);
-    }
-
-    // The warp's full steps (s = warp, warp + kWarps, ...) with W one step ahead of the mmas: while a step
-    // dequantizes, the next step's W is in flight, so a warp always has HBM reads outstanding (a one-stage
-    // warp has none while it computes; the kernel is latency-bound, perf/notes/int4.md). The two W stages
-    // swap roles each step, unrolled so no register is copied (a copy would wait for its load). The first
-    // step's W is read before pdl::enter(): nothing in a forward pass writes weights, so the reads overlap
-    // the previous kernel's tail; x, which that kernel may write, is read after.
-    __device__ __forceinline__ void run_two_stages(int warp, int full_steps, const GemvW4Params& p) {
-        WStage<Tr> a, b;
-        int s = warp;
-        if (s < full_steps) load_w_step<false, true>(static_cast<int64_t>(s) * Tr::kStepK, p, a);
-        pdl::enter();
-        while (s < full_steps) {
-            const int s1 = s + Tr::kWarps;
-            if (s1 < full_steps) load_w_step<false>(static_cast<int64_t>(s1) * Tr::kStepK, p, b);
-            finish_step<false>(static_cast<int64_t>(s) * Tr::kStepK, p, a);
-            if (s1 >= full_steps) break;
-            s = s1 + Tr::kWarps;
-            if (s < full_steps) load_w_step<false>(static_cast<int64_t>(s) * Tr::kStepK, p, a);
-            finish_step<false>(static_cast<int64_t>(s1) * Tr::kStepK, p, b);
-        }
+        compute(st, p.zeros == nullptr);
     }
 };
 
@@ -345,16 +277,12 @@ __device__ __forceinline__ void gemv_w4_cta(const GemvW4Params& p) {
         cta.x[t] = static_cast<const T*>(p.x) + (token < p.m ? token : 0) * p.x_stride + Tr::kLoadK * quad;
     }
     attn::zero_fragments(cta.acc);
+    pdl::enter();
 
     // Warps take steps round-robin, so at any moment a CTA streams kWarps adjacent steps of each row.
     const int steps = static_cast<int>((p.k + Tr::kStepK - 1) / Tr::kStepK);
     const int full_steps = static_cast<int>(p.k / Tr::kStepK);
-    if constexpr (Tr::kStages == 2) {
-        cta.run_two_stages(warp, full_steps, p);
-    } else {
-        pdl::enter();
-        for (int s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(static_cast<int64_t>(s) * Tr::kStepK, p);
-    }
+    for (int s = warp; s < full_steps; s += Tr::kWarps) cta.template step<false>(static_cast<int64_t>(s) * Tr::kStepK, p);
     if (steps > full_steps && full_steps % Tr::kWarps == warp)
         cta.template step<true>(static_cast<int64_t>(full_steps) * Tr::kStepK, p);
 
@@ -387,41 +315,29 @@ __device__ __forceinline__ void dequant_w4(const DequantW4Params& p) {
 }  // namespace gemv_w4
 }  // namespace fusedops
 
-// Instantiations: gemv_w4_<linear|swiglu>_<dtype>_m<8|16>_w<warps>_u<loads a step>_b<min CTAs an SM>_s<W
-// stages>, the table fusedops/ops/gemm_w4.py TUNINGS. The min-CTA bound sets ptxas' register cap: each entry
-// is the tightest cap (most resident warps) that spills nothing for its (warps, loads, stages) at sm_90a.
-#define FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U, B, S)                           \
+// Instantiations: gemv_w4_<linear|swiglu>_<dtype>_m<8|16>_w<warps>_u<loads a step>_b<min CTAs an SM>, the
+// table fusedops/ops/gemm_w4.py TUNINGS. The min-CTA bound sets ptxas' register cap: each entry is the
+// tightest cap (most resident warps) that spills nothing for its (warps, loads) at sm_90a.
+#define FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, KIND, IS_SWIGLU, TILES, MAXM, W, U, B)                              \
     extern "C" __global__ void __launch_bounds__(32 * W, B)                                                   \
-        gemv_w4_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U##_b##B##_s##S(const __grid_constant__ GemvW4Params p) { \
-        fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU, S>>(p);           \
+        gemv_w4_##KIND##_##SUFFIX##_m##MAXM##_w##W##_u##U##_b##B(const __grid_constant__ GemvW4Params p) {     \
+        fusedops::gemv_w4::gemv_w4_cta<fusedops::gemv_w4::Traits<T, TILES, W, U, IS_SWIGLU>>(p);              \
     }
 #define FUSEDOPS_GEMV_W4_DTYPE(T, SUFFIX)                                                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4, 1)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 1)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2, 1)                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3, 1)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 3, 1)                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 16, 1, 1, 1)                                    \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 4, 1)                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 3, 1)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 1, 4, 1)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 3, 1)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 16, 1, 1, 1)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2, 1)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 2, 2, 1)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 16, 1, 1, 1)                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 3, 2)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 1, 6, 2)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2, 2)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 2, 4, 2)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 1, 2)                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 2, 2)                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 3, 2)                                     \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 1, 4, 2)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 2, 2)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 2, 2)                                       \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 1, 3, 2)                                      \
-    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 1, 2)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 1, 4)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 8, 2, 2)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 16, 1, 2)                                     \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 1, 8, 4, 4, 3)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 8, 1, 3)                                     \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 16, 1, 1)                                    \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, linear, false, 2, 16, 4, 2, 4)                                     \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 8, 1, 3)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 1, 4)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 4, 2, 3)                                       \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 1, 8, 16, 1, 1)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 8, 1, 2)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 4, 2, 2)                                      \
+    FUSEDOPS_GEMV_W4_KERNEL(T, SUFFIX, swiglu, true, 2, 16, 16, 1, 1)                                     \
     extern "C" __global__ void __launch_bounds__(256) dequant_w4_##SUFFIX(const __grid_constant__ DequantW4Params p) { \
         fusedops::pdl::enter();                                                                                        \
         fusedops::gemv_w4::dequant_w4<T>(p);                                                                  \

@@ -109,7 +109,7 @@ def kernels(copy_gbs: float) -> tuple[list[dict], list[dict], dict]:
             for tuning in gemm_w4.TUNINGS[kind, tile]:
                 t = time_cycled(lambda qc: tuned_call(op, x, qc, res, out, tuning), q_copies)
                 times[name, m, tuning] = t
-                sweep.append({"GEMM": name, "M": m, "warps x loads, min CTAs, stages": "%d x %d, %d, s%d" % tuning,
+                sweep.append({"GEMM": name, "M": m, "warps x loads, min CTAs": "%d x %d, %d" % tuning,
                               "default": "yes" if tuning == default else "", "µs": t,
                               "% copy": 100 * moved / t / 1e3 / copy_gbs})
         del q_copies, w_copies, w

@@ -115,10 +115,10 @@ def test_kernel_names_route_token_tiles_and_tunings():
     assert gemm_w4.default_tuning("linear", 16, 384, 132) == gemm_w4.WIDE_LINEAR_TUNING[16]
     assert gemm_w4.default_tuning("linear", 16, 256, 132) == gemm_w4.TUNING["linear", 16]
     assert gemm_w4.default_tuning("swiglu", 8, 896, 132) == gemm_w4.TUNING["swiglu", 8]
-    assert gemm_w4.kernel_name("swiglu", torch.float16, 3, (16, 1, 1, 1)) == "gemv_w4_swiglu_fp16_m8_w16_u1_b1_s1"
-    assert gemm_w4.kernel_name("linear", torch.bfloat16, 9, (4, 2, 4, 1)) == "gemv_w4_linear_bf16_m16_w4_u2_b4_s1"
+    assert gemm_w4.kernel_name("swiglu", torch.float16, 3, (16, 1, 1)) == "gemv_w4_swiglu_fp16_m8_w16_u1_b1"
+    assert gemm_w4.kernel_name("linear", torch.bfloat16, 9, (4, 2, 4)) == "gemv_w4_linear_bf16_m16_w4_u2_b4"
     with pytest.raises(ValueError, match="^tuning:"):
-        gemm_w4.kernel_name("linear", torch.bfloat16, 16, (8, 1, 4, 1))  # compiled for m8 only
+        gemm_w4.kernel_name("linear", torch.bfloat16, 16, (8, 1, 4))  # compiled for m8 only
 
 
 def test_groups_below_128_take_the_dequantize_route():
@@ -150,9 +150,7 @@ def test_build_has_every_tuning_no_spills_and_loads_before_mmas():
     ptx = compiler.emit_ptx(gemm_w4.SOURCE, "sm_90a")
     sass = compiler.disassemble(cubin) if _has_cuobjdump() else None
     # W loads (2 rows x loads a step) issued before the first mma
-    # (two stages: the next step's W too, the first step's before griddepcontrol.wait)
-    for name, loads in (("gemv_w4_linear_bf16_m8_w8_u2_b2_s1", 4), ("gemv_w4_swiglu_bf16_m8_w4_u2_b3_s1", 8),
-                        ("gemv_w4_linear_bf16_m8_w8_u2_b2_s2", 8), ("gemv_w4_swiglu_bf16_m8_w4_u2_b2_s2", 16)):
+    for name, loads in (("gemv_w4_linear_bf16_m8_w8_u2_b2", 4), ("gemv_w4_swiglu_bf16_m8_w4_u2_b3", 8)):
         body = ptx.split(f".entry {name}")[1].split(".entry")[0]
         assert "lop3.b32" in body and "0xea" in body          # (nibbles & mask) | magic in one lop3
         assert "sub.bf16x2" in body                           # (128+q) - (128+z): the exact q - z, paired

@@ -185,33 +185,8 @@ def test_every_pdl_kernel_waits_for_its_predecessor(name):
         assert wait >= 0, f"{name}: {entry} never waits for its predecessor"
         assert release > wait, f"{name}: {entry} releases the next kernel before it waits"
         before = [line.strip() for line in body[:wait].splitlines()]
-        touching = [line for i, line in enumerate(before) if _may_touch_global(line)
-                    and not (i and _is_weight_read_before_wait(before[i - 1], line))]
+        touching = [line for line in before if _may_touch_global(line)]
         assert not touching, f"{name}: {entry} touches memory before it waits: {touching[:3]}"
-
-
-WEIGHT_BEFORE_WAIT = "// fusedops: weight read before the wait"   # csrc/common/stream_load.cuh's marker
-
-
-def _is_weight_read_before_wait(previous: str, line: str) -> bool:
-    """The one exception: a read-only (.nc) load that the source marked as a weight read (load_weight_early).
-    Nothing in a forward pass writes weights, so reading them while the previous kernel runs cannot race."""
-    return previous == WEIGHT_BEFORE_WAIT and line.startswith("ld.global.nc.")
-
-
-@pytest.mark.nvcc
-def test_weight_reads_before_the_wait_are_marked_read_only_loads():
-    load = "ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%r1, %r2, %r3, %r4}, [%rd5];"
-    assert _is_weight_read_before_wait(WEIGHT_BEFORE_WAIT, load)
-    assert not _is_weight_read_before_wait("// begin inline asm", load)                  # unmarked
-    assert not _is_weight_read_before_wait(WEIGHT_BEFORE_WAIT, "st.global.u32 [%rd1], %r1;")  # a write
-    assert not _is_weight_read_before_wait(WEIGHT_BEFORE_WAIT, "ld.global.u32 %r1, [%rd1];")  # coherent load
-    ptx = compiler.emit_ptx(registry.SOURCES["gemv_w4"], "sm_90a")
-    two_stage = ptx.split(".entry gemv_w4_linear_bf16_m8_w8_u2_b2_s2")[1].split(".entry")[0]
-    one_stage = ptx.split(".entry gemv_w4_linear_bf16_m8_w8_u2_b2_s1")[1].split(".entry")[0]
-    early = lambda body: body[:body.find("griddepcontrol.wait")].count(WEIGHT_BEFORE_WAIT)
-    assert early(two_stage) == 2 * 2 * 3   # 2 rows x 2 loads, each with its scale and zero
-    assert early(one_stage) == 0
 
 
 def test_shared_library_sources_are_not_launched_early():

@@ -14,20 +14,6 @@ __device__ __forceinline__ uint4 load_weight(const void* ptr) {
     return v;
 }
 
-// Marks, in the PTX, a weight read issued before griddepcontrol.wait (tests/test_runtime.py allows exactly
-// these): weights are never written during a forward pass, so reading them early cannot race the kernel
-// still running before this one. Nothing else may be read before the wait.
-#define FUSEDOPS_WEIGHT_BEFORE_WAIT "fusedops: weight read before the wait"
-
-__device__ __forceinline__ uint4 load_weight_early(const void* ptr) {
-    uint4 v;
-    asm volatile("// " FUSEDOPS_WEIGHT_BEFORE_WAIT "\n\t"
-                 "ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(ptr));
-    return v;
-}
-
 // x is reused by every warp of every CTA: cached.
 __device__ __forceinline__ uint4 load_x(const void* ptr) {
     uint4 v;

@@ -32,16 +32,13 @@ from .gemm import gate_up_silu_reference, gate_up_silu_torch, linear_residual_re
 SOURCE = register_source("gemv_w4", "gemv_w4.cu")
 MAX_GEMV_TOKENS = 16                # two 8-token mma tiles (the gemv_w4_*_m16 kernels)
 ROWS_PER_CTA = 16                   # outputs a CTA owns (SwiGLU: their 16 gate + 16 up rows)
-# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap, W stages a warp
-# holds: 1, or 2 = the next step's W in flight while a step computes) compiled per (kind, token tile) in
-# csrc/gemv_w4.cu; default_tuning picks one.
+# (warps, 16-byte loads per W row per lane per step, min CTAs an SM = ptxas register cap) compiled per
+# (kind, token tile) in csrc/gemv_w4.cu; default_tuning picks one.
 TUNINGS = {
-    ("linear", 8): ((8, 1, 4, 1), (8, 2, 2, 1), (16, 1, 2, 1), (4, 4, 3, 1),
-                    (8, 1, 3, 2), (4, 1, 6, 2), (8, 2, 2, 2), (4, 2, 4, 2), (16, 1, 1, 2)),
-    ("linear", 16): ((8, 1, 3, 1), (16, 1, 1, 1), (4, 2, 4, 1), (8, 1, 2, 2), (4, 2, 3, 2)),
-    ("swiglu", 8): ((8, 1, 3, 1), (4, 1, 4, 1), (4, 2, 3, 1), (16, 1, 1, 1), (4, 1, 4, 2), (8, 1, 2, 2),
-                    (4, 2, 2, 2)),
-    ("swiglu", 16): ((8, 1, 2, 1), (4, 2, 2, 1), (16, 1, 1, 1), (4, 1, 3, 2), (8, 1, 1, 2)),
+    ("linear", 8): ((8, 1, 4), (8, 2, 2), (16, 1, 2), (4, 4, 3)),
+    ("linear", 16): ((8, 1, 3), (16, 1, 1), (4, 2, 4)),
+    ("swiglu", 8): ((8, 1, 3), (4, 1, 4), (4, 2, 3), (16, 1, 1)),
+    ("swiglu", 16): ((8, 1, 2), (4, 2, 2), (16, 1, 1)),
 }
 # H200 graph replay on the Llama-3-8B shapes (perf/notes/int4.md, runs 7-8, 2026-12-03): a linear whose grid
 # fits 2 CTAs an SM streams fastest with 16 warps x 1 load (M = 1: o_proj 5.0 us vs 5.3 for 8 x 2, the
@@ -49,9 +46,9 @@ TUNINGS = {
 # 4 x 4, 3 CTAs an SM in one wave (6.4 vs 7.3-8.4). At M = 16 the narrow grids take 4 x 2 (o 9.4 vs 11.4,
 # down 25.2 vs 32.0), q/k/v 8 x 1 (11.3 vs 14.6). SwiGLU: 4 x 2 at 3 CTAs an SM (22.7 us, 8 x 1 22.8) and
 # 8 x 1 at M = 16 (35.7 vs 38.6).
-TUNING = {("linear", 8): (16, 1, 2, 1), ("linear", 16): (4, 2, 4, 1), ("swiglu", 8): (4, 2, 3, 1),
-          ("swiglu", 16): (8, 1, 2, 1)}
-WIDE_LINEAR_TUNING = {8: (4, 4, 3, 1), 16: (8, 1, 3, 1)}   # linear, more CTAs than 2 an SM
+TUNING = {("linear", 8): (16, 1, 2), ("linear", 16): (4, 2, 4), ("swiglu", 8): (4, 2, 3),
+          ("swiglu", 16): (8, 1, 2)}
+WIDE_LINEAR_TUNING = {8: (4, 4, 3), 16: (8, 1, 3)}   # linear, more CTAs than 2 an SM
 MIN_GEMV_GROUP = 128                # the scale is applied per mma: a quad's 128 k must share one group
 DEQUANT_THREADS = 256
 DTYPES = (torch.bfloat16, torch.float16)
@@ -150,7 +147,7 @@ def token_tile(m: int) -> int:
     return 8 if m <= 8 else 16
 
 
-def default_tuning(kind: str, tile: int, ctas: int, sms: int) -> tuple[int, int, int, int]:
+def default_tuning(kind: str, tile: int, ctas: int, sms: int) -> tuple[int, int, int]:
     if kind == "linear" and ctas > 2 * sms:
         return WIDE_LINEAR_TUNING[tile]
     return TUNING[kind, tile]
@@ -161,13 +158,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int, int, int]] = None) -> str:
+def kernel_name(kind: str, dtype: torch.dtype, m: int, tuning: Optional[tuple[int, int, int]] = None) -> str:
     tile = token_tile(m)
     tuning = tuning or TUNING[kind, tile]
     if tuning not in TUNINGS[kind, tile]:
         raise ValueError(f"tuning: {tuning} is not compiled for {kind} m{tile} (one of {TUNINGS[kind, tile]})")
-    warps, unroll, blocks, stages = tuning
-    return f"gemv_w4_{kind}_{DTYPE_SUFFIX[dtype]}_m{tile}_w{warps}_u{unroll}_b{blocks}_s{stages}"
+    warps, unroll, blocks = tuning
+    return f"gemv_w4_{kind}_{DTYPE_SUFFIX[dtype]}_m{tile}_w{warps}_u{unroll}_b{blocks}"
 
 
 def _packed(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
