@@ -4,8 +4,10 @@
 // chunks, XOR-swizzled multi-stage pipeline) for all group*S query rows that share it, computes
 // S = QKᵀ and O += PV with mma.sync m16n8k16 (fp32 accumulators) and an exp2 online softmax. The valid
 // length comes from kv_len[b] on the device; CTAs past it exit. With one split the CTA writes the
-// output; otherwise it writes a normalized fp32 partial and its log-sum-exp, and attn_decode_combine_*
-// merges the splits that had keys.
+// output; otherwise it writes a normalized fp32 partial and its log-sum-exp, and the splits that had keys
+// are merged: by the last of them to finish (p.semaphores: one arrival counter per (batch, kv head)), or,
+// without semaphores, by attn_decode_combine_* launched after it. Merging in the split kernel saves a
+// launch per layer of a decode step (perf/notes/attention.md).
 #include "common/pdl.cuh"
 #include "attention/mma_sm80.cuh"
 #include "attention_decode_params.cuh"
@@ -54,6 +56,91 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, int b, int kvh, ui
     }
 }
 
+// Upper bound on num_splits (the launcher enforces it): one weight per split per warp in shared memory.
+constexpr int kMaxSplits = 128;
+constexpr int kCombineWarps = 4;
+
+// One warp merges query row r of (b, kvh) over its n_active splits: out = Σ_s w_s O_s / Σ_s w_s,
+// w_s = 2^(lse_s - max); `weights` holds kMaxSplits floats of this warp's shared memory. Partials are
+// read with ld.global.cg (L2): other CTAs wrote them during this kernel or the one before.
+template <typename T, int D, int UNROLL>
+__device__ __forceinline__ void combine_row(const DecodeParams& p, int b, int kvh, int r, int n_active,
+                                            float* weights) {
+    const int lane = threadIdx.x % 32;
+    const int64_t slot0 = (int64_t)(b * p.heads_kv + kvh) * p.num_splits * p.rows + r;
+
+    float lse_max = -INFINITY;
+    for (int s = lane; s < n_active; s += 32) lse_max = fmaxf(lse_max, __ldcg(p.lse_partial + slot0 + (int64_t)s * p.rows));
+    lse_max = warp_max(lse_max);
+    float total = 0.f;
+    for (int s = lane; s < n_active; s += 32) {
+        const float lse = __ldcg(p.lse_partial + slot0 + (int64_t)s * p.rows);
+        const float w = lse == -INFINITY ? 0.f : fast_exp2(lse - lse_max);
+        weights[s] = w;
+        total += w;
+    }
+    total = warp_sum(total);
+    __syncwarp();
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+
+    const int h = r / p.seq_q, s_tok = r % p.seq_q;
+    T* out_row = static_cast<T*>(p.out) + b * p.o_stride_b + (int64_t)(kvh * p.group + h) * p.o_stride_h +
+                 s_tok * p.o_stride_s;
+#pragma unroll
+    for (int d = lane * 4; d < D; d += 128) {
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll UNROLL
+        for (int s = 0; s < n_active; ++s) {
+            const float w = weights[s];
+            const float4 part = __ldcg(reinterpret_cast<const float4*>(p.o_partial + (slot0 + (int64_t)s * p.rows) * D + d));
+            acc.x += w * part.x, acc.y += w * part.y, acc.z += w * part.z, acc.w += w * part.w;
+        }
+        uint2 packed;
+        packed.x = attn::pack2<T>(acc.x * inv, acc.y * inv);
+        packed.y = attn::pack2<T>(acc.z * inv, acc.w * inv);
+        *reinterpret_cast<uint2*>(out_row + d) = packed;
+    }
+    __syncwarp();  // weights are rewritten by this warp's next row
+}
+
+// No valid key: every query row of (b, kvh) is zeros (what the combine writes for zero splits).
+template <class Tr>
+__device__ __forceinline__ void zero_output(const DecodeParams& p, int b, int kvh) {
+    using T = typename Tr::Element;
+    constexpr int D = Tr::kHeadDim;
+    for (int idx = threadIdx.x; idx < p.rows * (D / 4); idx += Tr::kThreads) {
+        const int r = idx / (D / 4), d = idx % (D / 4) * 4, h = r / p.seq_q, s = r % p.seq_q;
+        T* dst = static_cast<T*>(p.out) + b * p.o_stride_b + (int64_t)(kvh * p.group + h) * p.o_stride_h +
+                 s * p.o_stride_s + d;
+        *reinterpret_cast<uint2*>(dst) = make_uint2(0u, 0u);
+    }
+}
+
+// The split kernel's end when it has semaphores: the last split of (b, kvh) to arrive merges them all.
+// Release: every thread's partial stores are fenced before thread 0 counts the CTA in; acquire: the last
+// CTA fences again after seeing the count, then reads the partials through L2. Not inlined: inlined, it
+// raised the split kernel's register peak (D=128 m1: 168 -> 227; m2 spilled). `scratch`: kWarps *
+// kMaxSplits floats of shared memory no thread still reads.
+template <class Tr>
+__device__ __noinline__ void merge_if_last(const DecodeParams& p, float* scratch) {
+    const int kvh = blockIdx.y, b = blockIdx.z;  // recomputed here: nothing of the caller's stays live
+    const int n_active = active_splits(valid_length(p, b), p.num_splits);
+    __shared__ bool s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* arrivals = p.semaphores + b * p.heads_kv + kvh;
+        s_last = atomicAdd(arrivals, 1) == n_active - 1;
+        if (s_last) atomicExch(arrivals, 0);  // every split has counted: zero for the next launch
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const int warp = threadIdx.x / 32;
+    for (int r = warp; r < p.rows; r += Tr::kWarps)
+        combine_row<typename Tr::Element, Tr::kHeadDim, 1>(p, b, kvh, r, n_active, scratch + warp * kMaxSplits);
+}
+
 template <class Tr>
 __device__ __forceinline__ void decode_split(const DecodeParams& p) {
     using T = typename Tr::Element;
@@ -69,7 +156,10 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p) {
     const int chunk = split_chunk(len, p.num_splits);
     const int start = split * chunk, end = min(start + chunk, len);
     const bool direct = p.num_splits == 1;
-    if (!direct && start >= len) return;  // the combine kernel skips this split too
+    if (!direct && start >= len) {  // the combine skips this split too
+        if (D <= 128 && len == 0 && split == 0 && p.semaphores != nullptr) zero_output<Tr>(p, b, kvh);  // no split merges
+        return;
+    }
     const int num_tiles = end > start ? (end - start + Tr::kTileKeys - 1) / Tr::kTileKeys : 0;
 
     const T* k_head = static_cast<const T*>(p.k) + b * p.k_stride_b + kvh * p.k_stride_h;
@@ -247,53 +337,25 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p) {
             if (d == 0) p.lse_partial[slot] = l_total > 0.f ? s_m_total[r] + __log2f(l_total) : -INFINITY;
         }
     }
+    // With semaphores, the last split of this (batch, kv head) to finish merges them all. D = 256 (253
+    // registers) has no room for the call: it always merges in the combine kernel (attention_decode.py's
+    // MERGES_IN_SPLIT_KERNEL).
+    if constexpr (D <= 128) {
+        if (direct || p.semaphores == nullptr) return;
+        static_assert(Tr::kWarps * kMaxSplits * 4 <= Tr::kPipeOrMerge, "merge weights fit the pipeline buffers");
+        merge_if_last<Tr>(p, reinterpret_cast<float*>(smem));
+    }
 }
 
-// Upper bound on num_splits (the launcher enforces it): one weight per split per warp in shared memory.
-constexpr int kMaxSplits = 128;
-constexpr int kCombineWarps = 4;
-
-// Grid (ceil(rows / 4), Hkv, B), one warp per query row: out = Σ_s w_s O_s / Σ_s w_s, w_s = 2^(lse_s - max).
+// Grid (ceil(rows / 4), Hkv, B), one warp per query row: combine_row (the split kernel merges instead
+// when it has semaphores).
 template <typename T, int D>
 __device__ __forceinline__ void combine_splits(const DecodeParams& p) {
     __shared__ float s_weight[kCombineWarps][kMaxSplits];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
     const int r = blockIdx.x * kCombineWarps + warp, kvh = blockIdx.y, b = blockIdx.z;
     if (r >= p.rows) return;
-    const int n_active = active_splits(valid_length(p, b), p.num_splits);
-    const int64_t slot0 = (int64_t)(b * p.heads_kv + kvh) * p.num_splits * p.rows + r;
-
-    float lse_max = -INFINITY;
-    for (int s = lane; s < n_active; s += 32) lse_max = fmaxf(lse_max, p.lse_partial[slot0 + (int64_t)s * p.rows]);
-    lse_max = warp_max(lse_max);
-    float total = 0.f;
-    for (int s = lane; s < n_active; s += 32) {
-        const float lse = p.lse_partial[slot0 + (int64_t)s * p.rows];
-        const float w = lse == -INFINITY ? 0.f : fast_exp2(lse - lse_max);
-        s_weight[warp][s] = w;
-        total += w;
-    }
-    total = warp_sum(total);
-    __syncwarp();
-    const float inv = total > 0.f ? 1.f / total : 0.f;
-
-    const int h = r / p.seq_q, s_tok = r % p.seq_q;
-    T* out_row = static_cast<T*>(p.out) + b * p.o_stride_b + (int64_t)(kvh * p.group + h) * p.o_stride_h +
-                 s_tok * p.o_stride_s;
-#pragma unroll
-    for (int d = lane * 4; d < D; d += 128) {
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-        for (int s = 0; s < n_active; ++s) {
-            const float w = s_weight[warp][s];
-            const float4 part = *reinterpret_cast<const float4*>(p.o_partial + (slot0 + (int64_t)s * p.rows) * D + d);
-            acc.x += w * part.x, acc.y += w * part.y, acc.z += w * part.z, acc.w += w * part.w;
-        }
-        uint2 packed;
-        packed.x = attn::pack2<T>(acc.x * inv, acc.y * inv);
-        packed.y = attn::pack2<T>(acc.z * inv, acc.w * inv);
-        *reinterpret_cast<uint2*>(out_row + d) = packed;
-    }
+    combine_row<T, D, 4>(p, b, kvh, r, active_splits(valid_length(p, b), p.num_splits), s_weight[warp]);
 }
 
 }  // namespace fusedops::decode

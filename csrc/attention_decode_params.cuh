@@ -12,6 +12,8 @@ struct DecodeParams {
     float* lse_partial;          // [B, Hkv, splits, rows], log2 domain, -inf when a split saw no key
     const void* kv_len;          // int32/int64 valid lengths, or null: every one of the L_max keys is valid
     const unsigned char* mask;   // bool, strides below (0 where broadcast), or null
+    int* semaphores;             // [B * Hkv] arrival counters, zero between launches, or null: merge in the
+                                 // combine kernel (splits > 1 only)
     int64_t q_stride_b, q_stride_h, q_stride_s;
     int64_t k_stride_b, k_stride_h, k_stride_l;
     int64_t v_stride_b, v_stride_h, v_stride_l;

@@ -37,9 +37,22 @@ def inputs(b, cache, valid, s=1):
     return q, k, v, mask, kv_len
 
 
+def with_combine_kernel(fn):
+    """fn with the splits merged by the separate combine kernel (the path before the in-kernel merge)."""
+    def call():
+        dec.MERGE_IN_SPLIT_KERNEL = False
+        try:
+            return fn()
+        finally:
+            dec.MERGE_IN_SPLIT_KERNEL = True
+    return call
+
+
 def impls(q, k, v, mask, kv_len):
     return {
         "fusedops": lambda: dec.decode_attention_cuda(q, k, v, mask, None, False, kv_len),
+        "fusedops combine kernel": with_combine_kernel(
+            lambda: dec.decode_attention_cuda(q, k, v, mask, None, False, kv_len)),
         "fusedops kv_len only": lambda: dec.decode_attention_cuda(q, k, v, None, None, False, kv_len),
         "fusedops mask only": lambda: dec.decode_attention_cuda(q, k, v, mask, None, False, None),
         "sdpa gqa+mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
@@ -68,6 +81,7 @@ def measure(b, cache, valid, copy, s=1):
     ours = graph["fusedops"]
     row = {"B": b, "S": s, "cache": cache, "valid": valid, "splits": dec.default_splits(*data[0][:2]),
            "fusedops µs": ours, "GB/s": kv_bytes / ours / 1e3, "% copy": 100 * kv_bytes / ours / 1e3 / copy,
+           "combine-kernel µs": graph["fusedops combine kernel"],
            "kv_len-only µs": graph["fusedops kv_len only"], "mask-only µs": graph["fusedops mask only"]}
     for name in ("sdpa gqa+mask", "repeat_kv+sdpa+mask"):
         row[f"{name} µs"] = graph[name]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from common import copy_bandwidth_gbs, table, time_graph
 
 from fusedops import quant
-from fusedops.ops import gemm_w4, gemv
+from fusedops.ops import attention_decode, gemm_w4, gemv
 
 OPS = torch.ops.fusedops
 SHAPES = [("q/k/v", 6144, 4096, "linear"), ("o_proj", 4096, 4096, "linear_residual"),
@@ -153,6 +153,8 @@ VARIANTS = {"bf16": ("fusedops bf16", {}),
             "int4": ("fusedops int4", {"weights": "int4"}),
             "int4_lm_head": ("fusedops int4 + int4 lm_head", {"weights": "int4", "int4_lm_head": True}),
             "int4_swept": ("fusedops int4, GEMV tunings from this run's sweep", {"weights": "int4"}),
+            "int4_combine": ("fusedops int4, attention splits merged by a second kernel", {"weights": "int4"}),
+            "bf16_combine": ("fusedops bf16, attention splits merged by a second kernel", {}),
             "round_trip": ("fusedops bf16, weights = int4 round trip (lm_head bf16)", {})}
 SHIPPED_TUNINGS = (dict(gemm_w4.TUNING), dict(gemm_w4.WIDE_LINEAR_TUNING))
 
@@ -181,6 +183,7 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
             dequantize_linears(model)
             ref["logits"], ref["argmax"] = ref["int4"], ref["int4"][:-1].argmax(-1)
         gemv.PREFETCH = 1 if label == VARIANTS["bf16_prefetch"][0] else PREFETCH_SHIPPED  # captured per launch
+        attention_decode.MERGE_IN_SPLIT_KERNEL = label not in (VARIANTS["int4_combine"][0], VARIANTS["bf16_combine"][0])
         gemm_w4.TUNING, gemm_w4.WIDE_LINEAR_TUNING = (dict(t) for t in (
             swept if label == VARIANTS["int4_swept"][0] else SHIPPED_TUNINGS))
         fn = torch.compile(model, backend="fusedops", options={"clone_outputs": False, **options})
@@ -215,6 +218,7 @@ def e2e(layers: int, steps: int, copy_gbs: float, preset: str = "llama3-8b",
         print(f"{label}: {step_ms:.3f} ms a step, logits rel err {rel:.3e}, agree {100 * agree:.1f} %, "
               f"compile + parity {compile_s:.1f} s", flush=True)
     gemm_w4.TUNING, gemm_w4.WIDE_LINEAR_TUNING = (dict(t) for t in SHIPPED_TUNINGS)
+    attention_decode.MERGE_IN_SPLIT_KERNEL = True
     kv = 2 * facts["layers"] * facts["kv_heads"] * (CONTEXT + steps / 2) * facts["head_dim"] * 2
     base = results[0]["step_ms"]
     return [{"decode b=1 (%d layers)" % layers: r["label"], "step ms": r["step_ms"], "tok/s": 1e3 / r["step_ms"],

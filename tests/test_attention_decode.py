@@ -112,7 +112,7 @@ def test_ptx_has_async_copies_tensor_cores_and_shuffles():
                         "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
                         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
                         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "shfl.sync.bfly", "ex2.approx",
-                        "ld.global.v4.f32"):
+                        "ld.global.cg.v4.f32"):
         assert instruction in ptx, instruction
     assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16", ptx)  # 16-byte copies
 
@@ -121,8 +121,36 @@ def test_ptx_has_async_copies_tensor_cores_and_shuffles():
 def test_build_has_no_spills():
     log = Path(str(compiler.build(dec.SOURCE, "sm_90a")) + ".log").read_text()
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert len(spills) == 2 * (len(VARIANTS) + len(dec.MAX_ROWS))  # every kernel, both dtypes
+    merging = [v for v in VARIANTS if v[0] in dec.MERGES_IN_SPLIT_KERNEL]   # + their merge_if_last function
+    assert len(spills) == 2 * (len(VARIANTS) + len(dec.MAX_ROWS) + len(merging))  # every kernel, both dtypes
     assert all(s == ("0", "0") for s in spills), log
+
+
+def ptx_bodies(ptx: str, needle: str) -> dict:
+    """name -> body of each kernel (.entry) or function (.func) defined in the PTX whose name contains needle."""
+    out = {}
+    for m in re.finditer(r"\.(?:func|entry)\s+(\S*" + re.escape(needle) + r"\S*?)\s*\(", ptx):
+        brace, semi = ptx.find("{", m.end()), ptx.find(";", ptx.find(")", m.end()))
+        if brace >= 0 and not 0 <= semi < brace:  # a definition, not a declaration
+            out[m.group(1)] = ptx[brace:ptx.find("\n}\n", brace)]
+    return out
+
+
+@pytest.mark.nvcc
+def test_split_kernels_count_arrivals_where_python_says_they_merge():
+    """The split kernels of MERGES_IN_SPLIT_KERNEL head dims call the merge (fence, count in with one
+    atomic add, zero the counter, read the partials through L2); the others (D = 256) never do, so the
+    launcher must run the combine kernel for them."""
+    ptx = compiler.emit_ptx(dec.SOURCE, "sm_90a")
+    merges = ptx_bodies(ptx, "merge_if_last")
+    assert len(merges) == 2 * sum(d in dec.MERGES_IN_SPLIT_KERNEL for d, _ in VARIANTS)
+    for body in merges.values():
+        for instruction in ("membar.gl", "atom.add.u32", "atom.exch.b32", "ld.global.cg.v4.f32"):
+            assert instruction in body, instruction
+    for d, m in VARIANTS:
+        for dtype in ("bf16", "fp16"):
+            body = ptx_bodies(ptx, f"attn_decode_{dtype}_d{d}_m{m}")[f"attn_decode_{dtype}_d{d}_m{m}"]
+            assert ("merge_if_last" in body) == (d in dec.MERGES_IN_SPLIT_KERNEL), (d, m, dtype)
 
 
 @pytest.mark.nvcc
@@ -225,6 +253,51 @@ def test_llama_shapes_with_hf_mask(dtype, b, cache, s):
              lengths=[cache // 2 + 3 * i for i in range(b)], kv_dtype=torch.int64, mask_kind="hf", causal=False,
              q_transposed=True, cache_slice=False, scale=None, num_splits=None, seed=b)
     assert check_case(c) <= TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+def test_merge_in_split_kernel_equals_the_combine_kernel(monkeypatch):
+    """Same splits, same merge order: the last-CTA merge and the combine kernel give the same bits, and
+    every arrival counter is back at zero after each launch (lengths 0 included)."""
+    rng = random.Random(11)
+    for i in range(60):
+        c = random_case(rng)
+        c["num_splits"] = rng.choice([2, 5, 16, 128, None])
+        if i % 7 == 0:
+            c["lengths"] = [0] * c["b"]
+        q, k, v, mask, kv_len = build_inputs(c)
+        outs = []
+        for merge_here in (True, False):
+            monkeypatch.setattr(dec, "MERGE_IN_SPLIT_KERNEL", merge_here)
+            out = poison_(torch.empty(q.shape, dtype=q.dtype, device=q.device))
+            dec.decode_attention_cuda(q, k, v, mask, c["scale"], c["causal"], kv_len, c["num_splits"], out)
+            outs.append(out)
+            counters = dec._SEMAPHORES.get(q.device.index)
+            assert counters is None or int(counters.abs().sum()) == 0, (i, c)
+        assert torch.equal(outs[0], outs[1]), (i, c)
+        ref = attention_reference(q.float(), k.float(), v.float(), mask, c["scale"], c["causal"], kv_len)
+        assert rel_err(outs[0], ref) <= TOLERANCE[c["dtype"]], (i, c)
+
+
+@pytest.mark.gpu
+def test_capture_without_counters_falls_back_to_the_combine_kernel(monkeypatch):
+    """Counters allocated during a capture would belong to that graph: the launch merges in the combine
+    kernel instead, and allocates nothing."""
+    monkeypatch.setattr(dec, "_SEMAPHORES", {})
+    b, hq, hkv, d, cache = 1, 32, 8, 128, 2048
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (random_with_outliers(shape, torch.bfloat16, "cuda", gen)
+               for shape in ((b, hq, 1, d), (b, hkv, cache, d), (b, hkv, cache, d)))
+    kv_len = torch.tensor([1500], device="cuda")
+    out = torch.empty(q.shape, dtype=q.dtype, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dec.decode_attention_cuda(q, k, v, None, None, False, kv_len, 16, out)
+    assert dec._SEMAPHORES == {}
+    poison_(out)
+    graph.replay()
+    ref = attention_reference(q.float(), k.float(), v.float(), None, None, False, kv_len)
+    assert rel_err(out, ref) <= TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.gpu

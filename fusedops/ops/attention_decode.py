@@ -35,13 +35,39 @@ WAVE_FILL = 0.95
 class DecodeParams(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
                 ("out", ctypes.c_void_p), ("o_partial", ctypes.c_void_p), ("lse_partial", ctypes.c_void_p),
-                ("kv_len", ctypes.c_void_p), ("mask", ctypes.c_void_p),
+                ("kv_len", ctypes.c_void_p), ("mask", ctypes.c_void_p), ("semaphores", ctypes.c_void_p),
                 *[(f"{t}_stride_{d}", ctypes.c_int64) for t in "qkvo" for d in ("b", "h", "s" if t in "qo" else "l")],
                 *[(f"mask_stride_{d}", ctypes.c_int64) for d in "bhsl"],
                 ("kv_len_stride", ctypes.c_int64),
                 ("kv_len_is_int64", ctypes.c_int32), ("heads_kv", ctypes.c_int32), ("seq_q", ctypes.c_int32),
                 ("group", ctypes.c_int32), ("rows", ctypes.c_int32), ("cache_len", ctypes.c_int32),
                 ("num_splits", ctypes.c_int32), ("is_causal", ctypes.c_int32), ("scale_log2", ctypes.c_float)]
+
+
+# Merge the splits in the split kernel (its last CTA per (batch, kv head)) instead of a second kernel;
+# compiled for these head dims (D = 256 has no registers left for it).
+MERGE_IN_SPLIT_KERNEL = True
+MERGES_IN_SPLIT_KERNEL = (64, 128)
+_SEMAPHORES: dict[int, torch.Tensor] = {}    # device index -> int32 arrival counters, zero between launches
+_RETIRED: list[torch.Tensor] = []            # outgrown counters: captured graphs still hold their address
+
+
+def semaphores(device: torch.device, count: int) -> Optional[torch.Tensor]:
+    """At least `count` zeroed arrival counters on `device`, shared by every decode launch there (each
+    launch leaves them zero, and launches on one stream run one after another), or None while a CUDA graph
+    is being captured and none are allocated yet: the caller then merges in the combine kernel, since memory
+    allocated during capture belongs to that graph. Two decode launches running at once on two streams of
+    one device would share counters: like the backend's graphs (one capture pool a device), they must not."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _SEMAPHORES.get(index)
+    if buf is not None and buf.numel() >= count:
+        return buf
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    if buf is not None:
+        _RETIRED.append(buf)
+    _SEMAPHORES[index] = buf = torch.zeros(max(count, 1024), dtype=torch.int32, device=torch.device("cuda", index))
+    return buf
 
 
 def m_tiles(rows: int) -> int:
@@ -190,8 +216,12 @@ def decode_attention_cuda(q, k, v, attn_mask=None, scale=None, is_causal=False, 
         lse_partial = torch.empty(b * hkv * num_splits * rows, dtype=torch.float32, device=q.device)
         p.o_partial, p.lse_partial = o_partial.data_ptr(), lse_partial.data_ptr()
 
+    merge_here = num_splits > 1 and MERGE_IN_SPLIT_KERNEL and d in MERGES_IN_SPLIT_KERNEL
+    counters = semaphores(q.device, b * hkv) if merge_here else None
+    if counters is not None:
+        p.semaphores = counters.data_ptr()
     kernel(SOURCE, name, DecodeParams, q.device).launch((num_splits, hkv, b), (threads,), p, smem=smem)
-    if num_splits > 1:
+    if num_splits > 1 and counters is None:
         combine = kernel(SOURCE, f"attn_decode_combine_{DTYPE_SUFFIX[q.dtype]}_d{d}", DecodeParams, q.device)
         combine.launch((-(-rows // COMBINE_WARPS), hkv, b), (32 * COMBINE_WARPS,), p)
     return out
