@@ -60,47 +60,52 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, int b, int kvh, ui
 constexpr int kMaxSplits = 128;
 constexpr int kCombineWarps = 4;
 
-// One warp merges query row r of (b, kvh) over its n_active splits: out = Σ_s w_s O_s / Σ_s w_s,
-// w_s = 2^(lse_s - max); `weights` holds kMaxSplits floats of this warp's shared memory. Partials are
-// read with ld.global.cg (L2): other CTAs wrote them during this kernel or the one before.
-template <typename T, int D, int UNROLL>
-__device__ __forceinline__ void combine_row(const DecodeParams& p, int b, int kvh, int r, int n_active,
-                                            float* weights) {
-    const int lane = threadIdx.x % 32;
-    const int64_t slot0 = (int64_t)(b * p.heads_kv + kvh) * p.num_splits * p.rows + r;
+// Merging split partials: out = Σ_s w_s O_s / Σ_s w_s, w_s = 2^(lse_s - max). Partials are read with
+// ld.global.cg (L2): other CTAs wrote them during this kernel or the one before.
+__device__ __forceinline__ int64_t partial_slot(const DecodeParams& p, int b, int kvh, int r, int s) {
+    return ((int64_t)(b * p.heads_kv + kvh) * p.num_splits + s) * p.rows + r;
+}
 
+// One warp: row r's weights w_s into `weights` (kMaxSplits floats of shared memory); returns 1 / Σ_s w_s
+// (0 when no split saw a key) in every lane.
+__device__ __forceinline__ float row_weights(const DecodeParams& p, int b, int kvh, int r, int n_active,
+                                             float* weights) {
+    const int lane = threadIdx.x % 32;
     float lse_max = -INFINITY;
-    for (int s = lane; s < n_active; s += 32) lse_max = fmaxf(lse_max, __ldcg(p.lse_partial + slot0 + (int64_t)s * p.rows));
+    for (int s = lane; s < n_active; s += 32) lse_max = fmaxf(lse_max, __ldcg(p.lse_partial + partial_slot(p, b, kvh, r, s)));
     lse_max = warp_max(lse_max);
     float total = 0.f;
     for (int s = lane; s < n_active; s += 32) {
-        const float lse = __ldcg(p.lse_partial + slot0 + (int64_t)s * p.rows);
+        const float lse = __ldcg(p.lse_partial + partial_slot(p, b, kvh, r, s));
         const float w = lse == -INFINITY ? 0.f : fast_exp2(lse - lse_max);
         weights[s] = w;
         total += w;
     }
     total = warp_sum(total);
-    __syncwarp();
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+    return total > 0.f ? 1.f / total : 0.f;
+}
 
-    const int h = r / p.seq_q, s_tok = r % p.seq_q;
-    T* out_row = static_cast<T*>(p.out) + b * p.o_stride_b + (int64_t)(kvh * p.group + h) * p.o_stride_h +
-                 s_tok * p.o_stride_s;
-#pragma unroll
-    for (int d = lane * 4; d < D; d += 128) {
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll UNROLL
-        for (int s = 0; s < n_active; ++s) {
-            const float w = weights[s];
-            const float4 part = __ldcg(reinterpret_cast<const float4*>(p.o_partial + (slot0 + (int64_t)s * p.rows) * D + d));
-            acc.x += w * part.x, acc.y += w * part.y, acc.z += w * part.z, acc.w += w * part.w;
-        }
-        uint2 packed;
-        packed.x = attn::pack2<T>(acc.x * inv, acc.y * inv);
-        packed.y = attn::pack2<T>(acc.z * inv, acc.w * inv);
-        *reinterpret_cast<uint2*>(out_row + d) = packed;
+// One thread: columns d .. d + 3 of row r, the splits summed in order (8 loads in flight: an L2 round
+// trip each, one after another, made the merge latency-bound).
+template <typename T, int D>
+__device__ __forceinline__ void merge_columns(const DecodeParams& p, int b, int kvh, int r, int d, int n_active,
+                                              const float* weights, float inv) {
+    const float* part0 = p.o_partial + partial_slot(p, b, kvh, r, 0) * D + d;
+    const int64_t stride = (int64_t)p.rows * D;  // floats from one split's row to the next's
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s = 0; s < n_active; ++s) {
+        const float w = weights[s];
+        const float4 part = __ldcg(reinterpret_cast<const float4*>(part0 + s * stride));
+        acc.x += w * part.x, acc.y += w * part.y, acc.z += w * part.z, acc.w += w * part.w;
     }
-    __syncwarp();  // weights are rewritten by this warp's next row
+    const int h = r / p.seq_q, s_tok = r % p.seq_q;
+    T* dst = static_cast<T*>(p.out) + b * p.o_stride_b + (int64_t)(kvh * p.group + h) * p.o_stride_h +
+             s_tok * p.o_stride_s + d;
+    uint2 packed;
+    packed.x = attn::pack2<T>(acc.x * inv, acc.y * inv);
+    packed.y = attn::pack2<T>(acc.z * inv, acc.w * inv);
+    *reinterpret_cast<uint2*>(dst) = packed;
 }
 
 // No valid key: every query row of (b, kvh) is zeros (what the combine writes for zero splits).
@@ -116,13 +121,14 @@ __device__ __forceinline__ void zero_output(const DecodeParams& p, int b, int kv
     }
 }
 
-// The split kernel's end when it has semaphores: the last split of (b, kvh) to arrive merges them all.
-// Release: every thread's partial stores are fenced before thread 0 counts the CTA in; acquire: the last
-// CTA fences again after seeing the count, then reads the partials through L2. Not inlined: inlined, it
-// raised the split kernel's register peak (D=128 m1: 168 -> 227; m2 spilled). `scratch`: kWarps *
-// kMaxSplits floats of shared memory no thread still reads.
+// The split kernel's end when it has semaphores: the last split of (b, kvh) to arrive merges them all,
+// with the whole CTA (one warp a row for the weights, then one thread per 4 columns of a row). Release:
+// every thread's partial stores are fenced before thread 0 counts the CTA in; acquire: the last CTA
+// fences again after seeing the count. Not inlined: inlined, it raised the split kernel's register peak
+// (D=128 m1: 168 -> 227; m2 spilled). `scratch`: shared memory no thread still reads.
 template <class Tr>
 __device__ __noinline__ void merge_if_last(const DecodeParams& p, float* scratch) {
+    constexpr int D = Tr::kHeadDim;
     const int kvh = blockIdx.y, b = blockIdx.z;  // recomputed here: nothing of the caller's stays live
     const int n_active = active_splits(valid_length(p, b), p.num_splits);
     __shared__ bool s_last;
@@ -136,9 +142,19 @@ __device__ __noinline__ void merge_if_last(const DecodeParams& p, float* scratch
     __syncthreads();
     if (!s_last) return;
     __threadfence();
+    float* weights = scratch;                        // [kRows][kMaxSplits]
+    float* inv = scratch + Tr::kRows * kMaxSplits;   // [kRows]
     const int warp = threadIdx.x / 32;
-    for (int r = warp; r < p.rows; r += Tr::kWarps)
-        combine_row<typename Tr::Element, Tr::kHeadDim, 1>(p, b, kvh, r, n_active, scratch + warp * kMaxSplits);
+    for (int r = warp; r < p.rows; r += Tr::kWarps) {
+        const float row_inv = row_weights(p, b, kvh, r, n_active, weights + r * kMaxSplits);
+        if (threadIdx.x % 32 == 0) inv[r] = row_inv;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < p.rows * (D / 4); idx += Tr::kThreads) {
+        const int r = idx / (D / 4);
+        merge_columns<typename Tr::Element, D>(p, b, kvh, r, idx % (D / 4) * 4, n_active, weights + r * kMaxSplits,
+                                               inv[r]);
+    }
 }
 
 template <class Tr>
@@ -342,20 +358,24 @@ __device__ __forceinline__ void decode_split(const DecodeParams& p) {
     // MERGES_IN_SPLIT_KERNEL).
     if constexpr (D <= 128) {
         if (direct || p.semaphores == nullptr) return;
-        static_assert(Tr::kWarps * kMaxSplits * 4 <= Tr::kPipeOrMerge, "merge weights fit the pipeline buffers");
+        static_assert(Tr::kRows * (kMaxSplits + 1) * 4 <= Tr::kPipeOrMerge, "merge weights fit the pipeline buffers");
         merge_if_last<Tr>(p, reinterpret_cast<float*>(smem));
     }
 }
 
-// Grid (ceil(rows / 4), Hkv, B), one warp per query row: combine_row (the split kernel merges instead
-// when it has semaphores).
+// Grid (ceil(rows / 4), Hkv, B), one warp per query row (the split kernel merges instead when it has
+// semaphores; both sum the splits in the same order, so they give the same bits).
 template <typename T, int D>
 __device__ __forceinline__ void combine_splits(const DecodeParams& p) {
     __shared__ float s_weight[kCombineWarps][kMaxSplits];
-    const int warp = threadIdx.x / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int r = blockIdx.x * kCombineWarps + warp, kvh = blockIdx.y, b = blockIdx.z;
     if (r >= p.rows) return;
-    combine_row<T, D, 4>(p, b, kvh, r, active_splits(valid_length(p, b), p.num_splits), s_weight[warp]);
+    const int n_active = active_splits(valid_length(p, b), p.num_splits);
+    const float inv = row_weights(p, b, kvh, r, n_active, s_weight[warp]);
+    __syncwarp();
+#pragma unroll
+    for (int d = lane * 4; d < D; d += 128) merge_columns<T, D>(p, b, kvh, r, d, n_active, s_weight[warp], inv);
 }
 
 }  // namespace fusedops::decode
